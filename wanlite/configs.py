@@ -80,9 +80,7 @@ class DiTConfig:
         for src, dst in self._DIFFUSERS.items():
             v = getattr(self, dst)
             out[src] = list(v) if isinstance(v, tuple) else v
-        out.update(
-            qk_norm="rms_norm_across_heads", image_dim=None, added_kv_proj_dim=None
-        )
+        out.update(qk_norm="rms_norm_across_heads", image_dim=None, added_kv_proj_dim=None)
         return out
 
 
@@ -264,3 +262,48 @@ TINY = ModelConfig(
     vae=VAEConfig(base_dim=8, num_res_blocks=1),
 )
 SIZES = {"tiny": TINY, "full": FULL}
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+_DTYPES.update({"float16": "float16", "fp16": "float16"})
+
+
+@dataclass(frozen=True)
+class Options:
+    """Runtime choices, independent of the checkpoint.
+
+    device: "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", ...
+    dtype: compute dtype of the DiT and the text encoder; "auto" = fp32 on CPU (bf16 matmuls
+        are several times slower than fp32 on CPUs without bf16 units), bf16 on CUDA (fp16 on
+        GPUs without bf16).  The VAE always computes in fp32.
+    attention: attention backend name (see ``wanlite.attention``).
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    attention: str = "sdpa"
+
+    def __post_init__(self):
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(
+                f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}"
+            )
+
+    def resolve_device(self):
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {self.device!r} was asked for but CUDA is not available")
+        return dev
+
+    def resolve_dtype(self, device):
+        import torch
+
+        if self.dtype != "auto":
+            return getattr(torch, _DTYPES[self.dtype])
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32

@@ -8,18 +8,20 @@ full-size text encoder can be written one tensor at a time.
 
 from __future__ import annotations
 
+import logging
 import zlib
+from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def tensor_seed(seed: int, component: str, name: str) -> int:
     return zlib.crc32(f"{seed}:{component}:{name}".encode())
 
 
-def random_tensor(
-    component: str, name: str, shape: tuple[int, ...], seed: int = 0
-) -> torch.Tensor:
+def random_tensor(component: str, name: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     """A float32 tensor for parameter ``name`` (our Wan key) with a scale that keeps
     activations O(1) through the network: norms near 1, small biases, fan-in scaled weights."""
     g = torch.Generator().manual_seed(tensor_seed(seed, component, name))
@@ -50,3 +52,152 @@ def random_state_dict(
         name: random_tensor(component, name, tuple(p.shape), seed).to(dtype)
         for name, p in module.named_parameters()
     }
+
+
+# --- writing a whole checkpoint in the diffusers layout --------------------------------------
+
+# Storage dtypes of the real Wan-AI/Wan2.1-T2V-1.3B-Diffusers files.
+_STORAGE = {"transformer": torch.float32, "text_encoder": torch.bfloat16, "vae": torch.float32}
+_WEIGHTS_NAME = {
+    "transformer": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "vae": "diffusion_pytorch_model",
+}
+FORMAT_VERSION = 1  # bump when the generated values or layout change (cache key)
+
+
+def _components(cfg):
+    """(component, module on meta, our-key -> diffusers-key, config.json dict) per weight set."""
+    from . import dit, t5, vae
+
+    with torch.device("meta"):
+        modules = {
+            "transformer": (dit.WanDiT(cfg.dit), dit.to_diffusers_key, cfg.dit.to_diffusers()),
+            "text_encoder": (t5.UMT5Encoder(cfg.t5), t5.to_diffusers_key, cfg.t5.to_diffusers()),
+            "vae": (
+                vae.WanVAE(cfg.vae),
+                lambda k: vae.to_diffusers_key(k, cfg.vae),
+                cfg.vae.to_diffusers(),
+            ),
+        }
+    return modules
+
+
+def write_checkpoint(out: Path, cfg, seed: int = 0, shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write a random-weight checkpoint for ``cfg`` (a ModelConfig) into the folder ``out``.
+
+    Tensors are generated one at a time and flushed shard by shard, so the full-size text
+    encoder (11 GB in bf16) never needs to be in memory at once."""
+    import json
+
+    from .tokenizer import write_random_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    for component, (module, to_key, config) in _components(cfg).items():
+        folder = out / component
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        params = [(n, tuple(p.shape)) for n, p in module.named_parameters()]
+        # The real VAE is one file; the other two are sharded with an index.
+        limit = shard_bytes if component != "vae" else 1 << 62
+        _write_shards(folder, component, params, to_key, seed, limit)
+    (out / "scheduler").mkdir(exist_ok=True)
+    sched = json.dumps(cfg.scheduler.to_diffusers(), indent=2)
+    (out / "scheduler" / "scheduler_config.json").write_text(sched)
+    write_random_tokenizer(out / "tokenizer", vocab_size=min(cfg.t5.vocab_size, 32000))
+    (out / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    return out
+
+
+MODEL_INDEX = {
+    "_class_name": "WanPipeline",
+    "_diffusers_version": "0.33.0.dev0",
+    "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+    "text_encoder": ["transformers", "UMT5EncoderModel"],
+    "tokenizer": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "WanTransformer3DModel"],
+    "vae": ["diffusers", "AutoencoderKLWan"],
+}
+
+
+def _write_shards(folder, component, params, to_key, seed, shard_bytes) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    dtype = _STORAGE[component]
+    name = _WEIGHTS_NAME[component]
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for key, shape in params:
+        nbytes = dtype.itemsize * _numel(shape)
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, shape))
+        size += nbytes
+    n = len(shards)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"{name}.safetensors" if n == 1 else f"{name}-{i + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {}
+        for key, shape in shard:
+            t = random_tensor(component, key, shape, seed).to(dtype)
+            tensors[to_key(key)] = t
+            weight_map[to_key(key)] = fname
+            total += t.numel() * t.element_size()
+        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+        del tensors
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / f"{name}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def checkpoint_config(size: str, t5_layers: int | None = None):
+    import dataclasses
+
+    from .configs import SIZES
+
+    if size not in SIZES:
+        raise ValueError(f"random checkpoint size must be one of {sorted(SIZES)}, got {size!r}")
+    cfg = SIZES[size]
+    if t5_layers is not None:
+        if not 1 <= t5_layers <= cfg.t5.num_layers:
+            raise ValueError(f"t5_layers must be in [1, {cfg.t5.num_layers}], got {t5_layers}")
+        cfg = dataclasses.replace(cfg, t5=dataclasses.replace(cfg.t5, num_layers=t5_layers))
+    return cfg
+
+
+def ensure_random_checkpoint(size: str, t5_layers: int | None = None, seed: int = 0) -> Path:
+    """The cached random checkpoint for ``size``, written on first use (atomically)."""
+    import shutil
+    import tempfile
+
+    from .loading import cache_dir
+
+    cfg = checkpoint_config(size, t5_layers)
+    layers = f"-t5x{cfg.t5.num_layers}" if t5_layers is not None else ""
+    out = cache_dir() / f"random-{size}{layers}-seed{seed}-v{FORMAT_VERSION}"
+    if (out / "model_index.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("writing random %s checkpoint to %s (first use)", size, out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        # Tiny checkpoints use small shards so the sharded-loading path is always exercised.
+        shard = 64 * 1024 if size == "tiny" else 2 * 1024**3
+        write_checkpoint(tmp, cfg, seed=seed, shard_bytes=shard)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (out / "model_index.json").is_file():  # another process won the race
+            return out
+        raise
+    return out

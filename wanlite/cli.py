@@ -1,0 +1,90 @@
+"""Command line: ``wanlite generate``, ``wanlite schema``.
+
+The only module that prints: the library logs.  Every user error ends in one clear line on
+stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .params import FIELDS, json_schema, validate
+
+DEFAULT_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate a video from a text prompt")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="local folder, hub id, or random:tiny")
+    p.add_argument("--out", default="video.mp4", help="output MP4 path (default video.mp4)")
+    types = {"string": str, "integer": int, "number": float}
+    for f in FIELDS:
+        rng = f" ({f.range_text()})" if f.minimum is not None else ""
+        default = "" if f.default is None else f"; default {f.default!r}"
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=types[f.type],
+            default=f.default,
+            required=f.required,
+            help=f"{f.description}{rng}{default}",
+        )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--attention", default="sdpa", help="sdpa | math | flash_attn | sage")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+
+
+def _generate(args) -> int:
+    from . import load
+    from .memory import fmt_bytes
+
+    params = validate({f.name: getattr(args, f.name) for f in FIELDS})
+    out = Path(args.out)
+    if out.suffix.lower() != ".mp4":
+        raise ValueError(f"--out must be an .mp4 path, got {str(out)!r}")
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a directory")
+    pipe = load(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
+    video = pipe.generate(**params.to_dict(), progress=not args.quiet)
+    video.save(out)
+    print(f"seed: {video.seed}")
+    print(
+        f"saved: {out} ({video.num_frames} frames, {video.width}x{video.height}, {video.fps} fps)"
+    )
+    print(f"load: {pipe.load_seconds:.1f} s, peak {fmt_bytes(pipe.load_peak)}")
+    for phase, seconds in video.timings.items():
+        print(f"{phase}: {seconds:.1f} s, peak {fmt_bytes(video.peak_memory[phase])}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wanlite", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    sub.add_parser("schema", help="print the JSON Schema of the generation parameters")
+    args = parser.parse_args(argv)
+    if args.command == "schema":
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    try:
+        return _generate(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The request parameters of ``generate()``: one schema object, shared by the library, the CLI
+and the server, exportable as JSON Schema.
+
+Names, defaults and ranges are exactly the hosted API's ("Request parameters" of the hosted
+model page).  Validation is strict and happens before any model work: a bool is not an int, a
+float is not an int, NaN is not a number in range, and an empty prompt is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+from typing import Any
+
+MAX_SEED = 2**63 - 1  # fits SQLite INTEGER and torch.Generator.manual_seed
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: str  # JSON Schema type: "string" | "integer" | "number"
+    default: Any
+    description: str
+    minimum: float | None = None
+    maximum: float | None = None
+    required: bool = False
+    nullable: bool = False
+
+    def range_text(self) -> str:
+        if self.minimum is None:
+            return "a non-empty string" if self.required else "a string"
+        kind = "an integer" if self.type == "integer" else "a number"
+        return f"{kind} in [{_num(self.minimum)}, {_num(self.maximum)}]"
+
+    def check(self, value: Any) -> Any:
+        """Return the normalized value or raise ValueError naming this field and its range."""
+        if value is None and self.nullable:
+            return None
+        bad = ValueError(f"{self.name} must be {self.range_text()}, got {value!r}")
+        if self.type == "string":
+            if not isinstance(value, str) or (self.required and not value.strip()):
+                raise bad
+            return value
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise bad
+        if self.type == "integer":
+            if not isinstance(value, numbers.Integral):
+                raise bad
+            value = int(value)
+        else:
+            value = float(value)
+            if not math.isfinite(value):
+                raise bad
+        if not self.minimum <= value <= self.maximum:
+            raise bad
+        return value
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+DEFAULT_PROMPT = (
+    "A beautiful landscape painting of a serene lake with mountains in the background "
+    "and an ox in the foreground."
+)
+
+FIELDS: tuple[Field, ...] = (
+    Field("prompt", "string", None, "Prompt for generated video", required=True),
+    Field("height", "integer", 480, "Height of the video", 1, 480),
+    Field("width", "integer", 640, "Width of the video", 1, 640),
+    Field("negative_prompt", "string", " ", "Negative prompt for generated video"),
+    Field("num_inference_steps", "integer", 30, "Number of diffusion steps to take", 1, 100),
+    Field("num_frames", "integer", 81, "Number of frames of video to generate", 1, 120),
+    Field(
+        "guidance_scale",
+        "number",
+        5.0,
+        "Guidance for generated video. Lower values can give more realistic videos.",
+        0,
+        10,
+    ),
+    Field(
+        "seed",
+        "integer",
+        None,
+        "Random seed. Set for reproducible generation",
+        0,
+        MAX_SEED,
+        nullable=True,
+    ),
+)
+FIELDS_BY_NAME = {f.name: f for f in FIELDS}
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompt: str
+    height: int = 480
+    width: int = 640
+    negative_prompt: str = " "
+    num_inference_steps: int = 30
+    num_frames: int = 81
+    guidance_scale: float = 5.0
+    seed: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def validate(params: dict[str, Any] | None = None, **kwargs: Any) -> GenerationParams:
+    """Check every field (unknown names included) and return the normalized parameters."""
+    given = {**(params or {}), **kwargs}
+    unknown = sorted(set(given) - set(FIELDS_BY_NAME))
+    if unknown:
+        raise ValueError(f"unknown parameter(s): {', '.join(unknown)}")
+    if "prompt" not in given:
+        raise ValueError("prompt is required: a non-empty string")
+    out = {}
+    for f in FIELDS:
+        value = given.get(f.name, f.default)
+        out[f.name] = f.check(value)
+    return GenerationParams(**out)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of the request parameters."""
+    props: dict[str, Any] = {}
+    for f in FIELDS:
+        p: dict[str, Any] = {"type": f.type, "description": f.description}
+        if f.nullable:
+            p["type"] = [f.type, "null"]
+        if f.default is not None:
+            p["default"] = f.default
+        if f.minimum is not None:
+            p["minimum"], p["maximum"] = f.minimum, f.maximum
+        if f.required:
+            p["minLength"] = 1
+            p["examples"] = [DEFAULT_PROMPT]
+        props[f.name] = p
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "Wan2.1 T2V 1.3B generation request",
+        "type": "object",
+        "properties": props,
+        "required": [f.name for f in FIELDS if f.required],
+        "additionalProperties": False,
+    }

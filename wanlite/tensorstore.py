@@ -1,0 +1,117 @@
+"""Read tensors from safetensors files with plain reads, no memory map.
+
+Why not ``safe_open``: it memory-maps the file, and the pages it touches count in the process's
+resident set (RSS) until the map is closed.  For streaming weights (the text encoder a layer at a
+time, DiT blocks just in time) we want exactly the bytes we asked for in anonymous memory, freed
+as soon as the tensor is dropped, with the page cache (not RSS) holding the file.
+
+Format (safetensors): 8-byte little-endian header size N, N bytes of JSON
+``{key: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
+    """(entries by key, metadata) of one safetensors file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", None) or {}
+    entries = {}
+    for key, info in header.items():
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in DTYPES:
+            raise ValueError(f"{path.name}:{key}: unsupported dtype {info['dtype']}")
+        dtype = DTYPES[info["dtype"]]
+        entries[key] = Entry(path, dtype, tuple(info["shape"]), 8 + n + begin, end - begin)
+    return entries, meta
+
+
+class TensorStore:
+    """Every tensor of a set of safetensors files, read on demand."""
+
+    def __init__(self, files: list[Path]):
+        self.entries: dict[str, Entry] = {}
+        self.metadata: dict[str, str] = {}
+        for path in files:
+            entries, meta = read_header(path)
+            self.entries.update(entries)
+            self.metadata.update(meta)
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def _read_into(self, e: Entry, out: torch.Tensor, offset: int) -> torch.Tensor:
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(buf):  # pread may return short reads for very large tensors
+            n = os.preadv(self._fd(e.path), [buf[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"{e.path}: unexpected end of file")
+            done += n
+        return out
+
+    def get(self, key: str) -> torch.Tensor:
+        e = self.entries[key]
+        return self._read_into(e, torch.empty(e.shape, dtype=e.dtype), e.offset)
+
+    def get_rows(self, key: str, rows: list[int]) -> torch.Tensor:
+        """Rows of a 2-D tensor (e.g. token embeddings) without reading the rest."""
+        e = self.entries[key]
+        row_bytes = e.nbytes // e.shape[0]
+        out = torch.empty((len(rows), *e.shape[1:]), dtype=e.dtype)
+        for i, r in enumerate(rows):
+            if not 0 <= r < e.shape[0]:
+                raise IndexError(f"{key}: row {r} out of range [0, {e.shape[0]})")
+            self._read_into(e, out[i], e.offset + r * row_bytes)
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
