@@ -29,4 +29,4 @@ def tiny_pipe(tiny_checkpoint):
 def diffusers_pipe(tiny_checkpoint):
     from diffusers import WanPipeline
 
-    return WanPipeline.from_pretrained(str(tiny_checkpoint), torch_dtype=torch.float32)
+    return WanPipeline.from_pretrained(str(tiny_checkpoint), dtype=torch.float32)

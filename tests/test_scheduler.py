@@ -1,0 +1,210 @@
+"""Parity of wanlite.scheduler with diffusers' UniPC / flow Euler schedulers, plus the math."""
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+from wanlite.configs import SchedulerConfig
+from wanlite.scheduler import (
+    euler_step,
+    timesteps_and_sigmas,
+    to_x0,
+    unipc_init,
+    unipc_step,
+)
+
+SHAPE = (2, 4, 3, 5, 6)  # [batch, channels, frames, height, width], like the latents
+
+
+def _diffusers_unipc(cfg: SchedulerConfig, n: int) -> UniPCMultistepScheduler:
+    sched = UniPCMultistepScheduler.from_config(cfg.to_diffusers())
+    sched.set_timesteps(n)
+    sched.set_begin_index(0)  # as WanPipeline does
+    return sched
+
+
+def _fake_model(x: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
+    """A deterministic, nonlinear stand-in for the DiT's flow prediction at step k."""
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1000 + k))
+    tf = t.float() / 1000
+    y = 1.3 * x + tf
+    return y / (1 + y.abs()) - 0.5 * x * tf + 0.3 * noise  # (tanh is slow on small CPU tensors)
+
+
+def _start() -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 10, 30, 50, 100])
+def test_timesteps_and_sigmas_match_diffusers(n):
+    ref = _diffusers_unipc(SchedulerConfig(), n)
+    ts, sigmas = timesteps_and_sigmas(SchedulerConfig(), n)
+    assert ts.dtype == ref.timesteps.dtype == torch.int64
+    assert sigmas.dtype == ref.sigmas.dtype == torch.float32
+    assert ts.shape == (n,) and sigmas.shape == (n + 1,)
+    assert torch.equal(ts, ref.timesteps)
+    assert torch.equal(sigmas, ref.sigmas)
+    assert sigmas[-1] == 0 and sigmas[0] == torch.tensor(1 - 1e-6, dtype=torch.float32)
+
+
+def test_timesteps_every_step_count_and_shift():
+    for shift in (1.0, 3.0, 5.0):
+        cfg = SchedulerConfig(flow_shift=shift)
+        ref = UniPCMultistepScheduler.from_config(cfg.to_diffusers())
+        for n in range(1, 101):
+            ref.set_timesteps(n)
+            ts, sigmas = timesteps_and_sigmas(cfg, n)
+            assert torch.equal(ts, ref.timesteps), (shift, n)
+            assert torch.equal(sigmas, ref.sigmas), (shift, n)
+
+
+def test_known_timesteps():
+    cfg = SchedulerConfig()
+    assert timesteps_and_sigmas(cfg, 4)[0].tolist() == [999, 900, 750, 500]
+    assert timesteps_and_sigmas(cfg, 2)[0].tolist() == [999, 750]
+    assert timesteps_and_sigmas(cfg, 1)[0].tolist() == [999]
+
+
+CONFIGS = {
+    "wan": SchedulerConfig(),
+    "shift5": SchedulerConfig(flow_shift=5.0),
+    "bh1": SchedulerConfig(solver_type="bh1"),
+    "order1": SchedulerConfig(solver_order=1),
+    "order3": SchedulerConfig(solver_order=3),
+    "no_corrector_0_2": SchedulerConfig(disable_corrector=(0, 2)),
+}
+
+
+def _run_both(cfg: SchedulerConfig, n: int, ours_cfg: SchedulerConfig | None = None):
+    """Run diffusers and ours side by side; the max abs diff of each step's output."""
+    ref = _diffusers_unipc(cfg, n)
+    ts, sigmas = timesteps_and_sigmas(cfg, n)
+    state = unipc_init(ours_cfg or cfg, sigmas)
+    a = b = _start()
+    diffs = []
+    for k, t in enumerate(ts):
+        a = ref.step(_fake_model(a, t, k), t, a).prev_sample
+        b_in, v = b, _fake_model(b, t, k)
+        b, state = unipc_step(state, v, b_in)
+        assert b.dtype == torch.float32 and torch.isfinite(b).all()
+        if k == n - 1 and cfg.solver_type == "bh1" and torch.isnan(a).all():
+            # diffusers 0.42.1 bug: at sigma = 0, bh1's B(h) = -h = -inf and it computes
+            # -inf * 0 = NaN.  Ours returns the x0 prediction there, as bh2 does.
+            assert torch.equal(b, to_x0(b_in, v, sigmas[k]))
+            continue
+        diffs.append((a - b).abs().max().item())  # NaN-propagating, unlike builtins.max
+    return diffs
+
+
+@pytest.mark.parametrize(
+    ("name", "n"), [(c, n) for c in CONFIGS for n in (1, 2, 3, 5, 30)] + [("wan", 100)]
+)
+def test_unipc_trajectory_matches_diffusers(name, n):
+    diffs = _run_both(CONFIGS[name], n)
+    worst = max(diffs, default=0.0)
+    print(f"unipc {name:>16} steps={n:3d}: max abs diff over steps {worst:.3e}")
+    assert all(d <= 1e-5 for d in diffs)  # (False for NaN)
+
+
+def test_parity_check_discriminates():
+    # Our bh1 against diffusers' bh2: the comparison above must be able to fail.
+    diffs = _run_both(SchedulerConfig(), 5, ours_cfg=SchedulerConfig(solver_type="bh1"))
+    assert max(diffs) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["wan", "bh1", "order3"])
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_exact_on_a_straight_flow(name, n):
+    # x_sigma = (1-sigma)*x0 + sigma*noise, v = noise - x0 (constant): every x0 prediction is x0,
+    # the finite differences vanish and the base update is exact, so the result is x0.
+    cfg = CONFIGS[name]
+    x0, noise = _start(), torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    ts, sigmas = timesteps_and_sigmas(cfg, n)
+    state = unipc_init(cfg, sigmas)
+    x = (1 - sigmas[0]) * x0 + sigmas[0] * noise
+    for i in range(n):
+        expected = (1 - sigmas[i]) * x0 + sigmas[i] * noise
+        torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)
+        x, state = unipc_step(state, noise - x0, x)
+    torch.testing.assert_close(x, x0, atol=1e-5, rtol=0)
+
+
+def test_last_step_returns_the_x0_prediction():
+    ts, sigmas = timesteps_and_sigmas(SchedulerConfig(), 1)
+    x, v = _start(), _fake_model(_start(), ts[0], 0)
+    out, state = unipc_step(unipc_init(SchedulerConfig(), sigmas), v, x)
+    torch.testing.assert_close(out, to_x0(x, v, sigmas[0]), atol=0, rtol=0)
+    assert state.index == 1
+    with pytest.raises(ValueError):
+        unipc_step(state, v, out)
+
+
+def test_step_is_pure_and_upcasts():
+    cfg = SchedulerConfig()
+    ts, sigmas = timesteps_and_sigmas(cfg, 5)
+    state = unipc_init(cfg, sigmas)
+    x = _start()
+    for k in range(3):
+        x, state = unipc_step(state, _fake_model(x, ts[k], k), x)
+    x_copy, v = x.clone(), _fake_model(x, ts[3], 3)
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    out1, new1 = unipc_step(state, v, x)
+    out2, new2 = unipc_step(state, v, x)  # same state again: same answer
+    assert torch.equal(out1, out2) and new1.index == new2.index == 4
+    assert torch.equal(x, x_copy)
+    assert all(getattr(state, k) is fields[k] for k in fields)  # nothing replaced in place
+    # bf16 model outputs are upcast before use (diffusers multiplies sigma*v in bf16 instead).
+    out_bf16, _ = unipc_step(state, v.bfloat16(), x)
+    out_up, _ = unipc_step(state, v.bfloat16().float(), x)
+    assert out_bf16.dtype == torch.float32 and torch.equal(out_bf16, out_up)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 30])
+def test_euler_matches_diffusers(n):
+    # Diffusers' Euler builds its own grid (n points from linspace(1000, 1000*sigma_min, n),
+    # shifted), different from UniPC's, so our step is fed the Euler scheduler's sigmas.
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ref.set_timesteps(n)
+    a = b = _start()
+    worst = 0.0
+    for k, t in enumerate(ref.timesteps):
+        a = ref.step(_fake_model(a, t, k), t, a).prev_sample
+        b = euler_step(b, _fake_model(b, t, k), ref.sigmas[k], ref.sigmas[k + 1])
+        worst = max(worst, (a - b).abs().max().item())
+    print(f"euler steps={n:3d}: max abs diff over steps {worst:.3e}")
+    assert worst <= 1e-5
+
+
+def test_euler_on_our_grid_is_exact_on_a_straight_flow():
+    x0, noise = _start(), torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    _, sigmas = timesteps_and_sigmas(SchedulerConfig(), 4)
+    x = (1 - sigmas[0]) * x0 + sigmas[0] * noise
+    for i in range(4):
+        x = euler_step(x, noise - x0, sigmas[i], sigmas[i + 1])
+    torch.testing.assert_close(x, x0, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"solver_type": "bh3"},
+        {"solver_order": 4},
+        {"solver_order": 0},
+        {"final_sigmas_type": "sigma_min"},
+        {"lower_order_final": False},
+        {"flow_shift": 0.0},
+    ],
+)
+def test_unsupported_configs_raise(bad):
+    cfg = SchedulerConfig(**bad)
+    with pytest.raises(ValueError):
+        timesteps_and_sigmas(cfg, 4)
+    with pytest.raises(ValueError):
+        unipc_init(cfg, torch.zeros(5))
+
+
+def test_bad_step_count_raises():
+    with pytest.raises(ValueError):
+        timesteps_and_sigmas(SchedulerConfig(), 0)

@@ -1,0 +1,324 @@
+"""The Wan2.1 text-to-video diffusion transformer (DiT), written for inference.
+
+Data flow and shapes (B batch, C=in_channels, patch (pt, ph, pw), grid (f, h, w) = latent
+(F/pt, H/ph, W/pw), L = f*h*w tokens, D = dim = heads * head_dim, Lc = context tokens):
+
+    x [B, C, F, H, W] --patch_embedding (Conv3d, stride = kernel = patch)--> [B, L, D]
+    t [B] --sinusoid(freq_dim, [cos | sin])--> time_embedding --> e [B, D]
+          --time_projection (SiLU, Linear D -> 6D)--> e0 [B, 6, D]
+    context [B, Lc, text_dim] --text_embedding (Linear, GELU-tanh, Linear)--> [B, Lc, D]
+    each block (adaLN with shift/scale/gate = block.modulation + e0):
+        x += gate1 * self_attn(norm1(x) * (1 + scale1) + shift1)   (3D RoPE on q, k)
+        x += cross_attn(norm3(x), context)                          (norm3: affine LayerNorm)
+        x += gate2 * ffn(norm2(x) * (1 + scale2) + shift2)
+    head: Linear(norm(x) * (1 + scale) + shift), (shift, scale) = head.modulation + e
+    unpatchify --> [B, out_channels, F, H, W]
+
+Attention: q/k are RMS-normalised over the whole D ("across heads", eps 1e-6, with weight);
+RoPE rotates the interleaved pairs (2i, 2i+1) of each head; head_dim is split into
+(t, h, w) = (hd - 4*(hd//6), 2*(hd//6), 2*(hd//6)) channels, each with angles
+pos / 10000^(2j/axis_dim).  Cross-attention attends to every context token (no mask).
+
+Precision (the fp32 islands of diffusers' ``_keep_in_fp32_modules`` and of the original code):
+the sinusoid, the time MLPs, the modulation tables, adaLN arithmetic (norm, scale/shift,
+gated residual adds), the LayerNorms and RoPE are computed in fp32 whatever the weight dtype
+(small weights are upcast on the fly).  Every other linear layer, the patch conv and attention
+run in the weight dtype; the residual stream is kept in the dtype of ``patch_embedding`` (as in
+diffusers).  The output has that dtype too.  With fp32 weights everything is fp32.
+``keep_in_fp32(name)`` lists the parameters a low-precision loader should keep in fp32 (as
+diffusers' ``from_pretrained`` does) and a quantization pass should skip.
+
+Inference only: ``forward`` runs under ``torch.no_grad`` and updates the residual stream in
+place.  Parameter names are the original Wan checkpoint keys; ``to_diffusers_key`` /
+``from_diffusers_key`` translate to and from ``WanTransformer3DModel``.  The module holds no
+buffers: RoPE tables are built lazily per (grid, device), so it can be built on the meta device
+and filled with ``load_state_dict(..., assign=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import AttnFn, resolve
+from .configs import DiTConfig
+
+
+def keep_in_fp32(name: str) -> bool:
+    """Whether parameter (or module) ``name`` should be stored in fp32 even when the rest of the
+    model is loaded in bf16/fp16, and be left alone by quantization: the small tables and MLPs
+    that forward() computes in fp32 anyway (diffusers' ``_keep_in_fp32_modules`` plus
+    ``time_projection``, which the original code also runs in fp32).  Costs ~60 MB at 1.3B."""
+    return (
+        name.startswith(("time_embedding", "time_projection"))
+        or name.endswith("modulation")
+        or name.split(".")[2:3] == ["norm3"]
+    )
+
+
+# --- key renaming ------------------------------------------------------------------------------
+
+_WB = ("weight", "bias")
+# (our name, diffusers name, parameter leaves); "{}" is the block index; leaves None: a bare
+# parameter.
+_RENAMES: list[tuple[str, str, tuple[str, ...] | None]] = [
+    ("patch_embedding", "patch_embedding", _WB),
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1", _WB),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2", _WB),
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1", _WB),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2", _WB),
+    ("time_projection.1", "condition_embedder.time_proj", _WB),
+    *[
+        (f"blocks.{{}}.{ours}_attn.{a}", f"blocks.{{}}.attn{n}.{b}", leaves)
+        for ours, n in (("self", 1), ("cross", 2))
+        for a, b, leaves in (
+            ("q", "to_q", _WB),
+            ("k", "to_k", _WB),
+            ("v", "to_v", _WB),
+            ("o", "to_out.0", _WB),
+            ("norm_q", "norm_q", ("weight",)),
+            ("norm_k", "norm_k", ("weight",)),
+        )
+    ],
+    ("blocks.{}.norm3", "blocks.{}.norm2", _WB),
+    ("blocks.{}.ffn.0", "blocks.{}.ffn.net.0.proj", _WB),
+    ("blocks.{}.ffn.2", "blocks.{}.ffn.net.2", _WB),
+    ("blocks.{}.modulation", "blocks.{}.scale_shift_table", None),
+    ("head.head", "proj_out", _WB),
+    ("head.modulation", "scale_shift_table", None),
+]
+
+
+def _expand(pairs):
+    for ours, theirs, leaves in pairs:
+        for leaf in leaves or ("",):
+            yield (ours + "." + leaf, theirs + "." + leaf) if leaf else (ours, theirs)
+
+
+_TO_DIFFUSERS = dict(_expand(_RENAMES))
+_FROM_DIFFUSERS = {v: k for k, v in _TO_DIFFUSERS.items()}
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _rename(key: str, table: dict[str, str]) -> str:
+    m = _BLOCK.match(key)
+    pattern = _BLOCK.sub("blocks.{}.", key) if m else key
+    if "{" in key or "}" in key or pattern not in table:
+        raise KeyError(f"no Wan DiT counterpart for key {key!r}")
+    return table[pattern].format(m.group(1)) if m else table[pattern]
+
+
+def to_diffusers_key(key: str) -> str:
+    """Our (original Wan) parameter name -> diffusers ``WanTransformer3DModel`` name."""
+    return _rename(key, _TO_DIFFUSERS)
+
+
+def from_diffusers_key(key: str) -> str:
+    """Diffusers ``WanTransformer3DModel`` parameter name -> ours (original Wan)."""
+    return _rename(key, _FROM_DIFFUSERS)
+
+
+# --- fp32 helpers --------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
+    """[B] timesteps -> [B, dim] fp32: [cos | sin] of t * 10000^(-j/(dim/2)) (diffusers' order
+    and arithmetic, i.e. Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0))."""
+    half = dim // 2
+    freqs = torch.arange(half, dtype=torch.float32, device=t.device) * -math.log(10000.0) / half
+    angles = t.float()[:, None] * freqs.exp()[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def _mlp32(seq: nn.Sequential, x: Tensor) -> Tensor:
+    """Run a small MLP in fp32, upcasting plain nn.Linear weights on the fly."""
+    for m in seq:
+        if type(m) is nn.Linear:
+            bias = None if m.bias is None else m.bias.float()
+            x = F.linear(x, m.weight.float(), bias)
+        else:
+            x = m(x).float()
+    return x
+
+
+def _norm32(norm: nn.Module, x: Tensor) -> Tensor:
+    """LayerNorm (affine or not) computed in fp32; fp32 result."""
+    if isinstance(norm, nn.Identity):
+        return x.float()
+    w = None if norm.weight is None else norm.weight.float()
+    b = None if norm.bias is None else norm.bias.float()
+    return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps)
+
+
+def _modulate(norm: nn.Module, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: norm(x) * (1 + scale) + shift in fp32, returned in x's dtype."""
+    return _norm32(norm, x).mul_(1 + scale).add_(shift).to(x.dtype)
+
+
+def _gated_add(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """x + y * gate in fp32, stored in x's dtype (in place when x is fp32)."""
+    if x.dtype == torch.float32:
+        return x.addcmul_(y, gate)
+    return torch.addcmul(x.float(), y, gate).to(x.dtype)
+
+
+# --- rotary position embedding ------------------------------------------------------------------
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_tables(grid: tuple[int, int, int], head_dim: int, device, theta: float = 10000.0):
+    """(cos, sin), each [L, 1, head_dim // 2] fp32, for token order (f, h, w) row-major.
+    Angles are computed in float64 (as diffusers and the original code do)."""
+    parts = []
+    for axis, (n, d) in enumerate(zip(grid, rope_axis_dims(head_dim))):
+        inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        ang = torch.outer(torch.arange(n, dtype=torch.float64), inv_freq)  # [n, d/2]
+        shape = [1, 1, 1, d // 2]
+        shape[axis] = n
+        parts.append(ang.view(shape).expand(*grid, d // 2))
+    angles = torch.cat(parts, dim=-1).reshape(-1, 1, head_dim // 2)
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the pairs (2i, 2i+1) of x [B, L, heads, d] in fp32; result in x's dtype."""
+    xf = x.float()
+    x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.empty_like(xf)
+    o1, o2 = out.unflatten(-1, (-1, 2)).unbind(-1)
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1.0)
+    torch.mul(x1, sin, out=o2).addcmul_(x2, cos)
+    return out.to(x.dtype)
+
+
+# --- modules ---------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RMS q/k norms across heads; self- or cross- (ctx given)."""
+
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def forward(self, x: Tensor, ctx: Tensor | None, attn: AttnFn, rope=None) -> Tensor:
+        src = x if ctx is None else ctx
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1))  # [B, L, heads, d]
+        k = self.norm_k(self.k(src)).unflatten(-1, (self.heads, -1))
+        v = self.v(src).unflatten(-1, (self.heads, -1))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, heads, L, d]
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = nn.LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = Attention(dim, cfg.num_heads, cfg.eps)
+        self.norm3 = nn.LayerNorm(dim, cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(dim, cfg.num_heads, cfg.eps)
+        self.norm2 = nn.LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: Tensor, e0: Tensor, ctx: Tensor, rope, attn: AttnFn) -> Tensor:
+        """x [B, L, D] (stream dtype, updated in place if fp32), e0 [B, 6, D] fp32."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, 1)
+        y = self.self_attn(_modulate(self.norm1, x, shift1, scale1), None, attn, rope)
+        x = _gated_add(x, y, gate1)
+        x = x.add_(self.cross_attn(_norm32(self.norm3, x).to(x.dtype), ctx, attn))
+        y = self.ffn(_modulate(self.norm2, x, shift2, scale2))
+        return _gated_add(x, y, gate2)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        shift, scale = (self.modulation.float() + e[:, None]).chunk(2, dim=1)
+        return self.head(_modulate(self.norm, x, shift, scale))
+
+
+class WanDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig, attn: str = "sdpa"):
+        super().__init__()
+        self.cfg = cfg
+        self.attn = resolve(attn)
+        dim, p = cfg.dim, cfg.patch_size
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=p, stride=p)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(
+            nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)
+        )
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self._rope_cache: dict = {}
+
+    def grid(self, shape) -> tuple[int, int, int]:
+        """Token grid (f, h, w) of a latent of shape [B, C, F, H, W]."""
+        sizes = tuple(shape[2:])
+        if len(sizes) != 3 or any(s % p for s, p in zip(sizes, self.cfg.patch_size)):
+            raise ValueError(f"latent {tuple(shape)} is not [B, C, F, H, W] divisible by patch")
+        grid = tuple(s // p for s, p in zip(sizes, self.cfg.patch_size))
+        if max(grid) > self.cfg.rope_max_seq_len:
+            raise ValueError(f"token grid {grid} exceeds rope_max_seq_len")
+        return grid
+
+    def rope(self, grid: tuple[int, int, int], device) -> tuple[Tensor, Tensor]:
+        key = (grid, torch.device(device))
+        if key not in self._rope_cache:
+            if len(self._rope_cache) >= 8:
+                self._rope_cache.clear()
+            self._rope_cache[key] = rope_tables(grid, self.cfg.head_dim, device)
+        return self._rope_cache[key]
+
+    def time_embeddings(self, t: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+        """e [B, D] (head) and e0 [B, 6, D] (blocks), both fp32."""
+        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
+        if t.shape != (batch,):
+            raise ValueError(f"timesteps must be [B] = [{batch}], got {tuple(t.shape)}")
+        e = _mlp32(self.time_embedding, sinusoidal_embedding(t, self.cfg.freq_dim))
+        return e, _mlp32(self.time_projection, e).unflatten(1, (6, -1))
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        """x [B, C, F, H, W] latents, t [B] timesteps (0..1000), context [B, Lc, text_dim]."""
+        grid = self.grid(x.shape)
+        dtype = self.patch_embedding.weight.dtype
+        e, e0 = self.time_embeddings(t.to(x.device), x.shape[0])
+        ctx = self.text_embedding(context.to(dtype))
+        rope = self.rope(grid, x.device)
+        x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()
+        for block in self.blocks:
+            x = block(x, e0, ctx, rope, self.attn)
+        return unpatchify(self.head(x, e), grid, self.cfg.patch_size)
+
+
+def unpatchify(x: Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> Tensor:
+    """[B, L, pt*ph*pw*C] with channel innermost -> [B, C, f*pt, h*ph, w*pw]."""
+    (f, h, w), (pt, ph, pw) = grid, patch
+    x = x.view(x.shape[0], f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw)

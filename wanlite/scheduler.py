@@ -1,0 +1,202 @@
+"""Flow-matching samplers: UniPC multistep (the Wan checkpoint's scheduler) and flow Euler.
+
+Pure functions; the only state is a frozen dataclass threaded through ``unipc_step`` (so a
+step can be replayed or inspected).  The results equal diffusers' ``UniPCMultistepScheduler`` in
+the Wan configuration (use_flow_sigmas, prediction_type="flow_prediction", predict_x0,
+timestep_spacing="linspace"): bit for bit on CPU in tests/test_scheduler.py.  The scalar
+coefficients are computed in float32 on the CPU like diffusers', then applied as Python floats,
+so the latents may live on any device.
+
+Grid (n steps, N = num_train_timesteps, s = flow_shift; computed in float64 like diffusers)::
+
+    u_i     = linspace(1, 1/N, n+1)[i]            i = 0..n-1
+    sigma_i = s*u_i / (1 + (s-1)*u_i)             the SD3/Wan time shift; sigma_0 = 1
+    sigma_0 = 1 - 1e-6                            keeps lambda_0 = log((1-sigma_0)/sigma_0) finite
+    sigma_n = 0                                   final_sigmas_type="zero"
+    t_i     = int64(N*sigma_i)  (truncated)       the DiT's timestep; e.g. n=4: 999, 900, 750, 500
+
+sigmas are stored as float32 and every coefficient below is computed in float32 from them.
+
+Flow matching: x = (1-sigma)*x0 + sigma*noise and the model predicts v = noise - x0, so::
+
+    alpha = 1 - sigma,   x0 = x - sigma*v,   lambda = log(alpha/sigma)   (half log-SNR, rising)
+
+UniPC (Zhao et al. 2023, arXiv:2302.04867), data-prediction form with B(h).  One update from
+sigma_s to sigma_t (t = s+1) of x = x_s, with x0 predictions m_0 at s and m_k at s-k::
+
+    h     = lambda_t - lambda_s,      r_k = (lambda_{s-k} - lambda_s)/h  (< 0),  r_p = 1
+    D_k   = (m_k - m_0)/r_k
+    base  = (sigma_t/sigma_s)*x + alpha_t*(1 - exp(-h))*m_0          (DDIM = DPM-Solver-1)
+    B(h)  = exp(-h) - 1  (bh2)  or  -h  (bh1)
+    g_i   = i! * z*phi_{i+1}(z) / B(h),  z = -h,  phi_k(z) = (e^z - sum_{j<k} z^j/j!) / z^k
+    R_ij  = r_j^(i-1)                                                (i, j = 1..p)
+    UniP-p (predictor):  x_t = base - alpha_t*B(h) * sum_{k<p} rho_k*D_k
+                         rho = R[:p-1,:p-1]^-1 g[:p-1]    (rho = 1/2 for p = 2)
+    UniC-p (corrector):  x_t = base - alpha_t*B(h) * (sum_{k<p} rho_k*D_k + rho_p*(m_t - m_0))
+                         rho = R^-1 g                      (rho = 1/2 for p = 1)
+
+Step i (the model was evaluated at x_i, sigma_i and returned v_i):
+  1. m_i = x_i - sigma_i*v_i.
+  2. Corrector (i > 0, i-1 not in disable_corrector): redo the update i-1 -> i from the same
+     x_{i-1} with the same order, adding m_i as the point at r = 1.  This replaces x_i; m_i
+     itself stays the one computed from the uncorrected x_i (UniC needs no extra model call).
+  3. Predictor of order p_i = min(solver_order, i+1, n-i) (warm-up, lower_order_final).
+At the last step sigma_n = 0: lambda = inf, exp(-h) = 0, p = 1, so x_n = m_{n-1} exactly.
+(diffusers 0.42.1 returns NaN there for bh1: it multiplies B(h) = -inf by a zero correction.)
+
+Flow Euler:  x_t = x_s + (sigma_t - sigma_s)*v.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .configs import SchedulerConfig
+
+_EPS = 1e-6  # diffusers' nudge of sigma_0 away from 1
+
+
+def _check(cfg: SchedulerConfig) -> None:
+    if cfg.solver_type not in ("bh1", "bh2"):
+        raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {cfg.solver_type!r}")
+    if not 1 <= cfg.solver_order <= 3:
+        raise ValueError(f"solver_order must be 1, 2 or 3, got {cfg.solver_order}")
+    if cfg.final_sigmas_type != "zero":
+        raise ValueError("only final_sigmas_type='zero' is supported")
+    if not cfg.lower_order_final:
+        # With a final sigma of 0, a multistep last step divides by r_k = 0 (NaN in diffusers).
+        raise ValueError("lower_order_final=False is not supported")
+    if cfg.flow_shift <= 0 or cfg.num_train_timesteps < 1:
+        raise ValueError("flow_shift and num_train_timesteps must be positive")
+
+
+def timesteps_and_sigmas(cfg: SchedulerConfig, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DiT timesteps ``[n]`` (int64) and the sigma grid ``[n+1]`` (float32, last = 0).
+
+    Equal to diffusers' ``set_timesteps(num_steps)`` ``timesteps`` and ``sigmas``."""
+    _check(cfg)
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    big_n, shift = cfg.num_train_timesteps, cfg.flow_shift
+    u = np.linspace(1, 1 / big_n, num_steps + 1)[:-1]
+    sigmas = shift * u / (1 + (shift - 1) * u)
+    if abs(sigmas[0] - 1) < _EPS:
+        sigmas[0] -= _EPS
+    timesteps = torch.from_numpy(sigmas * big_n).to(torch.int64)  # truncation, as diffusers
+    return timesteps, torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
+
+
+def to_x0(sample: torch.Tensor, model_output: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The clean-sample estimate from a flow (velocity) prediction."""
+    return sample - float(sigma) * model_output
+
+
+def euler_step(
+    sample: torch.Tensor, model_output: torch.Tensor, sigma: float, sigma_next: float
+) -> torch.Tensor:
+    """One flow-matching Euler step from ``sigma`` to ``sigma_next``, in fp32."""
+    f32 = torch.float32
+    dt = float(torch.as_tensor(sigma_next, dtype=f32) - torch.as_tensor(sigma, dtype=f32))
+    return sample.float() + dt * model_output.float()
+
+
+@dataclass(frozen=True)
+class UniPCState:
+    """Everything UniPC carries between steps; never mutated (``unipc_step`` returns a new one)."""
+
+    sigmas: torch.Tensor  # [n+1] float32 grid on the CPU
+    solver_order: int = 2
+    bh2: bool = True
+    disable_corrector: tuple[int, ...] = ()
+    index: int = 0  # the step to take next: the model has been evaluated at sigmas[index]
+    x0s: tuple[torch.Tensor, ...] = ()  # x0 predictions at sigmas[index-len(x0s):index]
+    last_sample: torch.Tensor | None = None  # x_{index-1}: where the last predictor started
+    last_order: int = 0  # the order of that predictor (the corrector reuses it)
+
+
+def unipc_init(cfg: SchedulerConfig, sigmas: torch.Tensor) -> UniPCState:
+    """A fresh UniPC state for the grid from ``timesteps_and_sigmas``."""
+    _check(cfg)
+    return UniPCState(
+        sigmas=sigmas.detach().to("cpu", torch.float32),
+        solver_order=cfg.solver_order,
+        bh2=cfg.solver_type == "bh2",
+        disable_corrector=tuple(cfg.disable_corrector),
+    )
+
+
+def _lam(sigma: torch.Tensor) -> torch.Tensor:
+    return torch.log(1 - sigma) - torch.log(sigma)
+
+
+def _unipc_update(
+    st: UniPCState,
+    s: int,
+    x: torch.Tensor,
+    x0s: tuple[torch.Tensor, ...],
+    order: int,
+    m_t: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """UniP-``order`` from sigmas[s] to sigmas[s+1] (x0s[-1] at s, x0s[-1-k] at s-k); with
+    ``m_t`` (the x0 prediction at s+1) it is UniC-``order`` instead."""
+    sig = st.sigmas
+    sigma_s, sigma_t = sig[s], sig[s + 1]
+    alpha_t = 1 - sigma_t
+    lam_s = _lam(sigma_s)
+    h = _lam(sigma_t) - lam_s
+    z = -h
+    h_phi_1 = torch.expm1(z)
+    b_h = h_phi_1 if st.bh2 else z
+    rks = [(_lam(sig[s - k]) - lam_s) / h for k in range(1, order)] + [torch.ones(())]
+    g, phi, fact = [], h_phi_1 / z - 1, 1
+    for i in range(1, order + 1):
+        g.append(phi * fact / b_h)
+        fact *= i + 1
+        phi = phi / z - 1 / fact
+    big_r, g = torch.stack([torch.stack(rks) ** i for i in range(order)]), torch.stack(g)
+
+    m0 = x0s[-1]
+    diffs = [(x0s[-1 - k] - m0) / rks[k - 1].item() for k in range(1, order)]
+    if m_t is None:  # predictor
+        rho = [0.5] if order == 2 else torch.linalg.solve(big_r[:-1, :-1], g[:-1]).tolist()
+    else:  # corrector
+        rho = [0.5] if order == 1 else torch.linalg.solve(big_r, g).tolist()
+        diffs.append(m_t - m0)
+    out = (sigma_t / sigma_s).item() * x - (alpha_t * h_phi_1).item() * m0
+    if diffs:
+        res = sum(r * d for r, d in zip(rho, diffs, strict=True))
+        out = out - (alpha_t * b_h).item() * res
+    return out
+
+
+def unipc_step(
+    state: UniPCState, model_output: torch.Tensor, sample: torch.Tensor
+) -> tuple[torch.Tensor, UniPCState]:
+    """One UniPC step: the model's flow prediction at ``sample`` (sigmas[state.index]) ->
+    (the fp32 sample at the next sigma, the new state).  Inputs are upcast to fp32."""
+    i, n = state.index, len(state.sigmas) - 1
+    if i >= n:
+        raise ValueError(f"all {n} steps have been taken")
+    x = sample.float()
+    m_i = to_x0(x, model_output.float(), state.sigmas[i].item())
+    if state.last_sample is not None and i - 1 not in state.disable_corrector:
+        x = _unipc_update(state, i - 1, state.last_sample, state.x0s, state.last_order, m_i)
+    x0s = (*state.x0s, m_i)[-state.solver_order :]
+    order = min(state.solver_order, i + 1, n - i)
+    prev = _unipc_update(state, i, x, x0s, order)
+    new = dataclasses.replace(state, index=i + 1, x0s=x0s, last_sample=x, last_order=order)
+    return prev, new
+
+
+__all__ = [
+    "UniPCState",
+    "euler_step",
+    "timesteps_and_sigmas",
+    "to_x0",
+    "unipc_init",
+    "unipc_step",
+]

@@ -1,0 +1,36 @@
+"""``wanlite serve``: a local HTTP server with the hosted API's video endpoints.
+
+Layout: ``app.py`` (FastAPI routes), ``guard.py`` (auth, body bound, error shape, access log),
+``store.py`` (the
+SQLite job store: queue, statuses, crash recovery), ``worker.py`` (the one thread that owns the
+model, and the event broadcast for SSE), ``cli.py`` (arguments, JSON logs, uvicorn).
+
+Wiring into the ``wanlite`` command line::
+
+    from . import server
+    server.add_parser(sub)                               # adds the "serve" sub-command
+    if args.command == "serve": return server.run(args)  # runs it, returns the exit code
+
+Importing this package is light: FastAPI and uvicorn load only in :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``serve`` sub-command to ``subparsers`` and return its parser."""
+    from .cli import add_parser as _add
+
+    return _add(subparsers)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``wanlite serve`` with parsed ``args``; returns the process exit code."""
+    from .cli import run as _run
+
+    return _run(args)
+
+
+__all__ = ["add_parser", "run"]

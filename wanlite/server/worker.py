@@ -1,0 +1,231 @@
+"""The model thread and the event broadcast.
+
+Design
+------
+* :class:`Worker` is the only owner of the model: one daemon thread loads it (so the HTTP side
+  is up at once and ``/ready`` tells when loading is done), then runs generations one at a time,
+  always the oldest queued row of the :class:`~wanlite.server.store.Store` (FIFO).  The HTTP
+  side never touches torch, so it stays responsive while a video renders.
+* Cancelling: a queued row is cancelled in the store directly; a running one gets a flag that
+  the pipeline's step callback checks, raising out of ``generate`` at the next denoising
+  step.  A cancel that lands during decoding still ends ``cancelled`` (the video is
+  dropped).
+* A clean shutdown stops the running generation at its next step and puts it back in the queue
+  (it runs again after restart); a crash leaves it ``processing``, which the store's recovery
+  turns into ``failed`` with a clear message.
+* :class:`EventHub` fans events out to subscribers (SSE streams, waiting sync requests): the
+  worker thread publishes through ``loop.call_soon_threadsafe``; each subscriber owns an
+  ``asyncio.Queue``.  Events are ``(name, data)`` with data a JSON-able dict; result URLs in
+  them are server-relative paths (``/api/ai/results/<id>.mp4``) that the HTTP layer makes
+  absolute for each client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .store import Store
+
+log = logging.getLogger("wanlite.server")
+
+PROGRESS = "media_generation_progress"
+COMPLETED = "media_generation_completed"  # every terminal status (check data["status"])
+FAILED = "media_generation_failed"
+CANCELLED = "media_generation_cancelled"
+SUBSCRIBER_BACKLOG = 10_000  # events kept for a slow subscriber before progress ones are dropped
+
+
+def result_path(gen_id: str) -> str:
+    return f"/api/ai/results/{gen_id}.mp4"
+
+
+def event_data(row: dict[str, Any]) -> dict[str, Any]:
+    """The payload of an event about ``row`` (a store dict)."""
+    ok = row["status"] == "succeeded"
+    return {
+        "generation_id": row["id"],
+        "model": row["model"],
+        "status": row["status"],
+        "result_url": result_path(row["id"]) if ok else None,
+        "error_message": row["error_message"],
+        "step": row["step"],
+        "total": row["total_steps"],
+        "seed": row["seed"],
+    }
+
+
+def terminal_events(row: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    data = event_data(row)
+    specific = {"failed": FAILED, "cancelled": CANCELLED}.get(row["status"])
+    return ([(specific, data)] if specific else []) + [(COMPLETED, data)]
+
+
+class EventHub:
+    def __init__(self) -> None:
+        self._subs: set[asyncio.Queue] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def subscribe(self) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue()
+        self._subs.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        self._subs.discard(q)
+
+    def publish(self, name: str, data: dict[str, Any]) -> None:
+        """Thread-safe: callable from the worker thread."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            # RuntimeError: the loop closed in between, so nobody is listening any more
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._fanout, name, data)
+
+    def _fanout(self, name: str, data: dict[str, Any]) -> None:
+        for q in list(self._subs):
+            if name == PROGRESS and q.qsize() >= SUBSCRIBER_BACKLOG:
+                continue
+            q.put_nowait((name, data))
+
+
+class _Shutdown(Exception):
+    """Raised from the step callback when the server stops: the job goes back to the queue."""
+
+
+class _CancelRequested(Exception):
+    """Raised from the step callback to stop a cancelled generation at the next step (the
+    pipeline stops on any exception from its callback, as with ``wanlite.pipeline.Cancelled``)."""
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        results_dir: Path,
+        loader: Callable[[], Any],
+        hub: EventHub,
+    ):
+        self.store = store
+        self.results_dir = Path(results_dir)
+        self.loader = loader
+        self.hub = hub
+        self.state = "loading"  # loading | ready | failed
+        self.load_error: str | None = None
+        self.load_seconds: float | None = None
+        self.pipe = None
+        self.current: str | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._cancel: set[str] = set()
+        self._thread = threading.Thread(target=self._main, name="wanlite-worker", daemon=True)
+
+    # -- called from the HTTP side ----------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def notify(self) -> None:
+        """New work was queued."""
+        self._wake.set()
+
+    def cancel(self, gen_id: str) -> tuple[dict[str, Any] | None, str]:
+        row, outcome = self.store.cancel(gen_id)
+        if outcome == "requested":
+            self._cancel.add(gen_id)
+        elif outcome == "cancelled":
+            log.info("generation cancelled", extra={"fields": {"generation_id": gen_id}})
+            for name, data in terminal_events(row):
+                self.hub.publish(name, data)
+        return row, outcome
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the thread (a running job goes back to the queue); True if it has ended."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # -- the thread -------------------------------------------------------------------------
+    def _main(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.pipe = self.loader()
+        except BaseException as e:  # noqa: BLE001 - any load error must reach /ready and jobs
+            self.load_error = f"{type(e).__name__}: {e}"
+            self.state = "failed"
+            log.error("model load failed", extra={"fields": {"error": self.load_error}})
+            for row in self.store.fail_queued(f"the model failed to load: {self.load_error}"):
+                for name, data in terminal_events(row):
+                    self.hub.publish(name, data)
+            return
+        self.load_seconds = time.perf_counter() - t0
+        self.state = "ready"
+        log.info("model ready", extra={"fields": {"load_seconds": round(self.load_seconds, 2)}})
+        while not self._stop.is_set():
+            row = self.store.claim_next(lambda: secrets.randbelow(2**32))
+            if row is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            self._run(row)
+
+    def _run(self, row: dict[str, Any]) -> None:
+        gen_id = row["id"]
+        self.current = gen_id
+        fields = {"generation_id": gen_id, "seed": row["seed"], **row["params"]}
+        log.info("generation started", extra={"fields": fields})
+        self.hub.publish(PROGRESS, event_data(row))
+
+        def callback(step: int, total_: int, latents) -> None:
+            if self._stop.is_set():
+                raise _Shutdown
+            if gen_id in self._cancel:
+                raise _CancelRequested
+            self.store.progress(gen_id, step + 1)
+            self.hub.publish(PROGRESS, {**event_data(row), "step": step + 1, "total": total_})
+
+        t0 = time.perf_counter()
+        status, result_file, error, metrics = "failed", None, None, None
+        try:
+            params = {**row["params"], "seed": row["seed"]}
+            video = self.pipe.generate(**params, callback=callback, progress=False)
+            if gen_id in self._cancel:  # cancelled while decoding: drop the video
+                raise _CancelRequested
+            result_file = f"{gen_id}.mp4"
+            video.save(self.results_dir / result_file)
+            status = "succeeded"
+            metrics = {"timings": video.timings, "peak_memory": video.peak_memory}
+        except _Shutdown:
+            self.store.requeue(gen_id)
+            log.info("generation requeued at shutdown", extra={"fields": {"generation_id": gen_id}})
+            self.current = None
+            return
+        except _CancelRequested:
+            status, error = "cancelled", "cancelled by request"
+        except Exception as e:  # noqa: BLE001 - a failed job must not kill the worker
+            error = f"{type(e).__name__}: {e}"
+            log.exception("generation failed", extra={"fields": {"generation_id": gen_id}})
+        finally:
+            self._cancel.discard(gen_id)
+        done = self.store.finish(
+            gen_id, status, result_file=result_file, error_message=error, metrics=metrics
+        )
+        self.current = None
+        seconds = round(time.perf_counter() - t0, 3)
+        log.info(
+            "generation finished",
+            extra={"fields": {"generation_id": gen_id, "status": status, "seconds": seconds}},
+        )
+        for name, data in terminal_events(done):
+            self.hub.publish(name, data)
