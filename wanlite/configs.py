@@ -282,12 +282,25 @@ class Options:
     device: str = "auto"
     dtype: str = "auto"
     attention: str = "sdpa"
+    quant: str = "none"  # "none" | "int8" | "fp8": DiT and umT5 block linears (see quant.py)
+    offload: str = "auto"  # "none" | "model" | "blocks" | "auto" (from max_memory)
+    max_memory: str | int | None = None  # budget for "auto", e.g. "6GB"; None = what is free
+    vae_tiling: str = "auto"  # "auto" | "on" | "off"
+    embed_cache: bool = True  # cache prompt embeddings on disk (keyed by model and prompt)
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(
-                f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}"
-            )
+            choices = ["auto", *sorted(_DTYPES)]
+            raise ValueError(f"dtype must be one of {choices}, got {self.dtype!r}")
+        for name, allowed in (
+            ("quant", ("none", "int8", "fp8")),
+            ("offload", ("none", "model", "blocks", "auto")),
+            ("vae_tiling", ("auto", "on", "off")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.max_memory is not None:
+            parse_bytes(self.max_memory)
 
     def resolve_device(self):
         import torch
@@ -307,3 +320,17 @@ class Options:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
+
+
+def parse_bytes(value: str | int) -> int:
+    """ "6GB", "6 GiB", "512MB", 123 -> bytes (GB and GiB both mean 2**30 here)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip().upper().replace(" ", "").removesuffix("B").removesuffix("I")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(float(text))
+    except ValueError:
+        raise ValueError(f"max_memory must look like '6GB' or '512MB', got {value!r}") from None

@@ -97,8 +97,8 @@ def check_keys(
     sources: dict[str, str] = {}
     extra, mismatched = [], []
     for key, e in store.entries.items():
-        if key in (aliases or {}):
-            continue
+        if key in (aliases or {}) and aliases[key] in store.entries:
+            continue  # a tied duplicate of a key that is present
         try:
             ours = from_key(key)
         except KeyError:

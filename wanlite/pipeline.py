@@ -135,9 +135,13 @@ class Pipeline:
         lengths = mask.sum(1).tolist()
         if max(lengths) >= MAX_TOKENS:
             log.warning("a prompt is longer than %d tokens and was truncated", MAX_TOKENS)
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        # Encoder outputs at real tokens do not depend on the padding after them (padded keys
+        # are masked; the position bias depends only on distances), so encode up to the longest
+        # real length only: exact, and 512/len times less work for a short prompt.
+        n_max = max(lengths)
+        ids, mask = ids[:, :n_max].to(self.device), mask[:, :n_max].to(self.device)
         hidden = self.text_encoder(ids, mask)
-        out = torch.zeros_like(hidden)
+        out = hidden.new_zeros(len(texts), MAX_TOKENS, hidden.shape[-1])
         for i, n in enumerate(lengths):
             out[i, :n] = hidden[i, :n]
         return out

@@ -1,35 +1,35 @@
 """The Wan2.1 causal 3D VAE (``WanVAE_`` of the original Wan code), written for inference.
 
-Shapes
-------
-Video ``x`` is ``[B, 3, T, H, W]`` in [-1, 1] with ``T = 1 + 4 * (T' - 1)``; latents ``z`` are
-``[B, z_dim, T', H / 8, W / 8]`` (strides from the config: ``temporal_stride`` = 4 and
-``spatial_stride`` = 8 for Wan2.1).  The first latent frame stands for the first video frame
-alone, every following latent frame for the next 4 video frames.
+Shapes: video ``[B, 3, T, H, W]`` in [-1, 1] with ``T = 1 + 4 * (T' - 1)``; latents
+``[B, z_dim, T', H / 8, W / 8]`` (``cfg.temporal_stride`` = 4, ``cfg.spatial_stride`` = 8).
+The first latent frame stands for the first video frame alone, every following latent frame
+for the next 4 video frames.
 
 Causal chunked processing
 -------------------------
-Every temporal convolution is *causal*: output frame ``t`` sees input frames ``t-2 .. t`` only,
-with zeros before the first frame.  That lets the VAE run over time in chunks while carrying a
-small state, exactly as the original code (and diffusers) do, so that results match bit for bit
-in structure (and to float rounding in value):
+Every temporal conv is *causal*: output frame ``t`` sees input frames ``t-2 .. t`` only, with
+zeros before the first frame.  So the VAE runs over time in chunks carrying a small state, in
+the same chunks and with the same state as the original code and diffusers (``feat_cache``,
+``CACHE_T = 2``), hence the same numbers up to float rounding:
 
-* ``encode`` feeds the encoder the first frame, then chunks of 4 frames; each chunk yields one
-  latent frame.  ``iter_decode`` feeds the decoder one latent frame at a time; it yields 1 video
+* ``encode`` feeds the encoder the first frame, then chunks of 4 frames, each giving one latent
+  frame.  ``iter_decode`` feeds the decoder one latent frame at a time, which gives 1 video
   frame for the first latent frame and 4 for each following one.
-* The state of one call lives in a ``CausalCache`` that is passed explicitly through every
-  ``forward``; modules keep no state of their own.  It holds, for each causal conv (keyed by the
-  conv module itself, so there is no index bookkeeping), the last ``kernel_t - stride_t`` input
-  frames it saw (2 for the 3x3x3 convs: ``CACHE_T``).  A conv prepends its history to the new
-  chunk and zero-pads only the frames still missing (``2 - len(history)``), which is the same as
-  running it over the whole sequence with 2 leading zero frames.
-* The temporal resamplers treat the *first chunk* specially (``cache.first``), which is what the
-  original "Rep" marker encodes: on the first chunk the frame passes through their time conv
-  untouched (the downsampler only records it as history, the upsampler records nothing), so one
-  frame stays one frame.  From the second chunk on, the downsampler's stride-2 time conv runs on
-  [last frame of the previous chunk, chunk] (4 -> 2 -> 1 frames over the two stages) and the
-  upsampler's time conv (zero history at its first real call) doubles channels that are then
-  interleaved into twice the frames (1 -> 2 -> 4 over the two stages).
+* The state of one call is a ``CausalCache`` passed explicitly through every ``forward``;
+  modules keep no state.  For each causal conv (keyed by the conv module itself: no slot
+  indices to keep in step) it holds the last ``kernel_t - stride_t`` input frames (2 for the
+  3-tap convs) of the conv's input stream *including* its causal zero padding, so that after
+  the first chunk nothing is ever padded.  A conv builds its input as one buffer
+  ``[history | chunk]`` (``begin``), and the RMS norm + SiLU before it writes its output
+  straight into the chunk part: no ``torch.cat``, no separate norm output (``finish`` then runs
+  the conv and copies the new history out of the buffer's tail).  A first chunk of one frame
+  skips the kernel taps that would only see the zero padding instead of materializing it.
+* The temporal resamplers treat the *first chunk* specially (``cache.first``; diffusers' "Rep"
+  marker): the frame bypasses their time conv, so one frame stays one frame (the downsampler
+  records it as history; the upsampler's time conv starts at the second chunk, from zeros).
+  Then the downsampler's stride-2 time conv runs on [previous frame | chunk] (4 -> 2 -> 1
+  frames over two stages); the upsampler's time conv doubles the channels, whose two halves
+  become consecutive frames (1 -> 2 -> 4).
 
 Parameter names are those of the original Wan checkpoint; ``to_diffusers_key`` /
 ``from_diffusers_key`` translate to and from diffusers' ``AutoencoderKLWan`` names.
@@ -46,10 +46,13 @@ from torch import Tensor, nn
 
 from .configs import VAEConfig
 
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
 def conv3d(x: Tensor, w: Tensor, b: Tensor | None, stride=(1, 1, 1), padding=(0, 0, 0)) -> Tensor:
     """F.conv3d, but float32 on CPU always goes through oneDNN: PyTorch's size heuristic
     sends batch-1 chunks with few frames to its im2col kernel, up to 4x slower here."""
-    if x.is_cpu and x.dtype == torch.float32 and torch.backends.mkldnn.enabled:
+    if x.is_cpu and x.dtype == torch.float32 and _ONEDNN and torch.backends.mkldnn.enabled:
         return torch.ops.aten.mkldnn_convolution(x, w, b, padding, stride, (1, 1, 1), 1)
     return F.conv3d(x, w, b, stride, padding)
 
@@ -202,13 +205,10 @@ def _upsample_conv(x: Tensor, conv: nn.Conv2d, frames: int) -> Tensor:
     b, fc, t, h, w = x.shape
     c, o = fc // frames, conv.out_channels
     phase = torch.tensor(_PHASE, dtype=conv.weight.dtype, device=conv.weight.device)
-    weight = torch.einsum("aky,dlx,oiyx->adoikl", phase, phase, conv.weight)
-    y = conv3d(
-        x.view(b * frames, c, t, h, w),
-        weight.reshape(4 * o, c, 1, 2, 2),
-        conv.bias.repeat(4),
-        padding=(0, 1, 1),
-    )  # [b * frames, (a, d, o), t, h + 1, w + 1]; phase (a, d) of pixel (i, j) is at (i+a, j+d)
+    weight = torch.einsum("aky,dlx,oiyx->adoikl", phase, phase, conv.weight).flatten(0, 2)
+    x = x.view(b * frames, c, t, h, w)
+    # y: [b * frames, (a, d, o), t, h + 1, w + 1]; phase (a, d) of pixel (i, j) is at (i+a, j+d)
+    y = conv3d(x, weight.unsqueeze(2), conv.bias.repeat(4), padding=(0, 1, 1))
     y = y.view(b, frames, 2, 2, o, t, h + 1, w + 1).permute(0, 4, 5, 1, 6, 2, 7, 3)
     out = x.new_empty(b, o, t, frames, h, 2, w, 2)
     for a in (0, 1):
@@ -259,12 +259,8 @@ def _middle(dim: int) -> nn.Sequential:
     return nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
 
 
-def _head(dim: int, cout: int) -> nn.Sequential:
+def _head(dim: int, cout: int) -> nn.Sequential:  # [1] was SiLU
     return nn.Sequential(RMSNorm(dim), nn.SiLU(), CausalConv3d(dim, cout, 3, padding=1))
-
-
-def _run_head(head: nn.Sequential, x: Tensor, cache: CausalCache) -> Tensor:
-    return _norm_silu_conv(head[0], head[2], x, cache)
 
 
 class Encoder(nn.Module):
@@ -285,8 +281,8 @@ class Encoder(nn.Module):
         self.head = _head(dims[-1], 2 * cfg.z_dim)
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
-        x = _run(self.downsamples, self.conv1(x, cache), cache)
-        return _run_head(self.head, _run(self.middle, x, cache), cache)
+        x = _run(self.middle, _run(self.downsamples, self.conv1(x, cache), cache), cache)
+        return _norm_silu_conv(self.head[0], self.head[2], x, cache)
 
 
 class Decoder(nn.Module):
@@ -310,8 +306,8 @@ class Decoder(nn.Module):
         self.head = _head(dims[-1], 3)
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
-        x = _run(self.middle, self.conv1(x, cache), cache)
-        return _run_head(self.head, _run(self.upsamples, x, cache), cache)
+        x = _run(self.upsamples, _run(self.middle, self.conv1(x, cache), cache), cache)
+        return _norm_silu_conv(self.head[0], self.head[2], x, cache)
 
 
 class WanVAE(nn.Module):
@@ -329,7 +325,7 @@ class WanVAE(nn.Module):
         self.decoder = Decoder(cfg)
 
     def _prepare(self, x: Tensor, what: str) -> Tensor:
-        if x.dim() != 5:
+        if x.dim() != 5 or x.shape[2] < 1:
             raise ValueError(f"{what} must be [B, C, T, H, W], got shape {tuple(x.shape)}")
         w = self.conv2.weight
         return x.to(device=w.device, dtype=w.dtype)
@@ -339,10 +335,10 @@ class WanVAE(nn.Module):
         """[B, 3, 1 + 4k, H, W] in [-1, 1] -> posterior mean [B, z_dim, 1 + k, H/8, W/8]."""
         x = self._prepare(x, "video")
         stride, t = self.cfg.temporal_stride, x.shape[2]
-        if t < 1 or (t - 1) % stride:
+        if (t - 1) % stride:
             raise ValueError(f"the number of frames must be 1 + {stride}k, got {t}")
-        z = self.cfg.z_dim
-        weight, bias = self.conv1.weight[:z], self.conv1.bias[:z]  # the mean half only
+        mean_half = slice(0, self.cfg.z_dim)  # of conv1's (mean, logvar) output channels
+        weight, bias = self.conv1.weight[mean_half], self.conv1.bias[mean_half]
         cache, means = CausalCache(), []
         for start in range(0, t, stride):
             chunk = x[:, :, :1] if start == 0 else x[:, :, start - stride + 1 : start + 1]
@@ -361,6 +357,7 @@ class WanVAE(nn.Module):
             cache.next_chunk()
             yield x.clamp_(-1.0, 1.0)
 
+    @torch.inference_mode()
     def decode(self, z: Tensor) -> Tensor:
         """[B, z_dim, T', h, w] -> [B, 3, 1 + 4 (T' - 1), 8h, 8w] in [-1, 1]: the chunks of
         ``iter_decode`` written into one preallocated tensor (no second copy of the video)."""
@@ -412,8 +409,8 @@ def _module_renames(cfg: VAEConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-def _rename(key: str, cfg: VAEConfig) -> str:
-    for ours, theirs in _module_renames(cfg):
+def _rename(key: str, renames: list[tuple[str, str]]) -> str:
+    for ours, theirs in renames:
         if key.startswith(ours):
             rest = key[len(ours) :]
             for a, b in _RESIDUAL.items():
@@ -428,7 +425,8 @@ def _key_tables(cfg: VAEConfig) -> tuple[dict[str, str], dict[str, str]]:
     """Exact (ours -> diffusers, diffusers -> ours) maps over the parameters of ``cfg``."""
     with torch.device("meta"):
         names = [name for name, _ in WanVAE(cfg).named_parameters()]
-    to_diff = {name: _rename(name, cfg) for name in names}
+    renames = _module_renames(cfg)
+    to_diff = {name: _rename(name, renames) for name in names}
     return to_diff, {v: k for k, v in to_diff.items()}
 
 
@@ -445,6 +443,4 @@ def from_diffusers_key(key: str, cfg: VAEConfig) -> str:
     try:
         return _key_tables(cfg)[1][key]
     except KeyError:
-        raise KeyError(
-            f"not a diffusers AutoencoderKLWan parameter for this config: {key!r}"
-        ) from None
+        raise KeyError(f"not an AutoencoderKLWan parameter for this config: {key!r}") from None

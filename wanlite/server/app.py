@@ -68,6 +68,7 @@ class ServerConfig:
     device: str = "auto"
     dtype: str = "auto"
     attention: str = "sdpa"
+    threads: int = 0  # torch intra-op threads for the model; 0 = torch's default
 
 
 def _ts(t: float | None) -> int | None:
@@ -88,6 +89,10 @@ def create_app(config: ServerConfig, loader=None) -> FastAPI:
         def loader():
             import wanlite
 
+            if config.threads > 0:
+                import torch
+
+                torch.set_num_threads(config.threads)
             opts = {"device": config.device, "dtype": config.dtype, "attention": config.attention}
             return wanlite.load(config.model, **opts)
 

@@ -91,6 +91,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--attention", default="sdpa", help="sdpa | math | flash_attn | sage")
+    p.add_argument(
+        "--threads", type=int, default=0, help="CPU threads for the model (default: torch's)"
+    )
     p.add_argument("--log-level", default="info", help="debug | info | warning | error")
     return p
 
@@ -119,7 +122,16 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         attention=args.attention,
+        threads=args.threads,
     )
+    try:  # fail early, in one line, on a data dir that is busy or not writable
+        from .store import lock_data_dir
+
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        lock_data_dir(config.data_dir).close()
+    except (RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     log.info(
         "starting",
         extra={

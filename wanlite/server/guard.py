@@ -70,7 +70,8 @@ class Guard:
                 "status": status.get("code"),
                 "ms": round((time.perf_counter() - t0) * 1000, 1),
             }
-            log.info("request", extra={"fields": fields})
+            quiet = scope["path"] in OPEN_PATHS and status.get("code", 500) < 400
+            log.log(logging.DEBUG if quiet else logging.INFO, "request", extra={"fields": fields})
 
     def _authorized(self, scope, headers: dict[bytes, bytes]) -> bool:
         if self.api_key is None or scope["path"] in OPEN_PATHS:

@@ -12,6 +12,9 @@ Design
 * One connection shared by all threads behind a lock (WAL journal, ``synchronous=NORMAL``):
   every operation is a short transaction, so the HTTP threads and the worker never wait long.
 * Rows come out as plain dicts; the HTTP layer decides how they look on the wire.
+* One server per data dir: an exclusive ``flock`` on ``wanlite.lock`` (released by the OS when
+  the process dies, however it dies), since a second server's recovery would fail the first
+  one's running job.
 """
 
 from __future__ import annotations
@@ -55,6 +58,25 @@ CREATE INDEX IF NOT EXISTS generations_status ON generations (status, seq);
 """
 
 
+def lock_data_dir(data_dir: Path):
+    """Take the data dir's exclusive lock; returns the open lock file (closing it unlocks).
+    The OS drops the lock when the process dies, even by SIGKILL."""
+    path = Path(data_dir) / "wanlite.lock"
+    f = open(path, "a+")  # noqa: SIM115 - kept open on purpose
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return f
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise RuntimeError(
+            f"another wanlite server is using the data dir {str(path.parent)!r}"
+        ) from None
+    return f
+
+
 class QueueFull(Exception):
     """Raised by :meth:`Store.enqueue` when the queue has no room for the request."""
 
@@ -63,6 +85,7 @@ class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lockfile = lock_data_dir(self.path.parent)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -74,6 +97,7 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._lockfile.close()
 
     # -- helpers ----------------------------------------------------------------------------
     def _tx(self, fn):
@@ -272,10 +296,10 @@ class Store:
         if model is not None:
             sql += " AND model=?"
             args.append(model)
-        sql += " ORDER BY seq LIMIT ?"
+        sql += " ORDER BY seq DESC LIMIT ?"  # the newest `limit` rows, returned oldest first
         args.append(limit)
         with self._lock:
-            return [self._row(r) for r in self._db.execute(sql, args)]
+            return [self._row(r) for r in self._db.execute(sql, args)][::-1]
 
     def finished_since(self, since: float) -> list[dict[str, Any]]:
         with self._lock:

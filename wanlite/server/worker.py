@@ -173,17 +173,21 @@ class Worker:
         self.state = "ready"
         log.info("model ready", extra={"fields": {"load_seconds": round(self.load_seconds, 2)}})
         while not self._stop.is_set():
-            row = self.store.claim_next(lambda: secrets.randbelow(2**32))
-            if row is None:
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
-            self._run(row)
+            try:
+                row = self.store.claim_next(lambda: secrets.randbelow(2**32))
+                if row is None:
+                    self._wake.wait(1.0)
+                    self._wake.clear()
+                    continue
+                self._run(row)
+            except Exception:  # noqa: BLE001 - e.g. a full disk: log, wait, go on
+                log.exception("worker error")
+                self._stop.wait(1.0)
 
     def _run(self, row: dict[str, Any]) -> None:
         gen_id = row["id"]
         self.current = gen_id
-        fields = {"generation_id": gen_id, "seed": row["seed"], **row["params"]}
+        fields = {**row["params"], "generation_id": gen_id, "seed": row["seed"]}
         log.info("generation started", extra={"fields": fields})
         self.hub.publish(PROGRESS, event_data(row))
 

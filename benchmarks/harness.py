@@ -1,0 +1,127 @@
+"""Shared benchmark plumbing: run one engine in its own process, measure it, compare outputs.
+
+Each run happens in a fresh Python process so that its peak RSS (VmHWM) is its own.  A worker
+writes its final latents and uint8 frames to an .npz and its measurements to JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def run_worker(script: Path, args: list[str], timeout: float = 7200) -> dict:
+    """Run ``script --worker ...`` in a new process; return the JSON it prints last."""
+    cmd = [sys.executable, str(script), "--worker", *args]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ)
+    if r.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{r.stderr[-4000:]}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["process_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def diffusers_generate(path: str, params: dict, dtype: str, setup: str = "plain") -> dict:
+    """diffusers' WanPipeline as a user would run it; returns measurements + arrays."""
+    import torch
+    from diffusers import WanPipeline
+
+    t0 = time.perf_counter()
+    pipe = WanPipeline.from_pretrained(path, dtype=getattr(torch, dtype))
+    if setup == "lowmem":  # its documented memory savers that apply on a CPU-only machine
+        pipe.vae.enable_tiling()
+        pipe.vae.enable_slicing()
+    load_s, load_peak = time.perf_counter() - t0, peak_rss()
+    final = {}
+
+    def keep(pipe_, i, t, kw):
+        final["latents"] = kw["latents"].float().clone()
+        return kw
+
+    reset_peak()
+    t0 = time.perf_counter()
+    frames = pipe(
+        prompt=params["prompt"],
+        negative_prompt=params["negative_prompt"],
+        height=params["height"],
+        width=params["width"],
+        num_frames=params["num_frames"],
+        num_inference_steps=params["num_inference_steps"],
+        guidance_scale=params["guidance_scale"],
+        generator=torch.Generator("cpu").manual_seed(params["seed"]),
+        output_type="np",
+        callback_on_step_end=keep,
+    ).frames[0]
+    gen_s = time.perf_counter() - t0
+    u8 = (np.asarray(frames, dtype=np.float64) * 255).round().astype(np.uint8)
+    return {
+        "load_s": load_s,
+        "generate_s": gen_s,
+        "peak": max(load_peak, peak_rss()),
+        "generate_peak": peak_rss(),
+        "arrays": {"latents": final["latents"].numpy(), "frames": u8},
+    }
+
+
+def wanlite_generate(path: str, params: dict, **options) -> dict:
+    import wanlite
+
+    t0 = time.perf_counter()
+    pipe = wanlite.load(path, **options)
+    load_s, load_peak = time.perf_counter() - t0, peak_rss()
+    reset_peak()
+    t0 = time.perf_counter()
+    video = pipe.generate(**params, progress=False)
+    gen_s = time.perf_counter() - t0
+    return {
+        "load_s": load_s,
+        "generate_s": gen_s,
+        "peak": max(load_peak, peak_rss()),
+        "generate_peak": peak_rss(),
+        "phase_peaks": video.peak_memory,
+        "phase_seconds": video.timings,
+        "arrays": {"latents": video.latents.float().numpy(), "frames": video.frames},
+    }
+
+
+def save_result(result: dict, npz: Path) -> None:
+    np.savez(npz, **result.pop("arrays"))
+    print(json.dumps(result))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def compare(ref_npz: Path, npz: Path) -> dict:
+    a, b = np.load(ref_npz), np.load(npz)
+    return {
+        "latents_max_abs_diff": float(np.abs(a["latents"] - b["latents"]).max()),
+        "frames_max_diff": int(np.abs(a["frames"].astype(int) - b["frames"].astype(int)).max()),
+        "psnr_db": psnr(a["frames"], b["frames"]),
+    }
+
+
+def gib(n: float) -> str:
+    return f"{n / 1024**3:.2f}"

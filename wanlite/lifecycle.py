@@ -1,0 +1,201 @@
+"""Component lifecycle: which weights are where, and when.
+
+Each weight set (DiT, umT5, VAE) is a ``Component``: a module skeleton on the meta device, the
+checkpoint's ``TensorStore`` and the map from our parameter names to checkpoint keys (checked
+strictly once, at ``Pipeline`` creation, from the file headers only).  A component is made
+resident (``acquire``) only for the phase that needs it and, depending on the offload mode,
+released after it:
+
+============  ==================================================================================
+offload       behaviour
+============  ==================================================================================
+``none``      every component stays resident after first use (fastest repeated calls)
+``model``     the umT5 is released after encoding, the DiT before decoding, the VAE after it
+``blocks``    as ``model``, and the umT5 and DiT blocks are streamed one ahead of use
+              (``offload.BlockStreamer``) with the umT5 token embedding read row by row: only
+              ~2 blocks of weights are resident at a time
+============  ==================================================================================
+
+Quantization (``int8`` / ``fp8``, see ``quant``) swaps the Linear layers of the DiT blocks and
+the umT5 blocks.  A checkpoint written by ``wanlite quantize`` is read as stored; otherwise the
+weights are quantized layer by layer while loading, never holding the full-precision model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import dit as dit_mod
+from . import t5 as t5_mod
+from . import vae as vae_mod
+from .loading import check_keys, weight_files
+from .offload import BlockStreamer, RowEmbedding, cast, materialize
+from .quant import QLinear, quantize, quantize_weight
+from .tensorstore import TensorStore
+
+log = logging.getLogger(__name__)
+QUANT_META = "wanlite_quant"  # safetensors metadata key naming the quantization of a file
+
+
+def dit_quant_keep(name: str) -> bool:
+    """DiT layers kept in full precision: everything outside the blocks (patch, time and text
+    embedders, output head) -- small, and feeding every block."""
+    return not name.startswith("blocks.")
+
+
+def with_scales(from_key: Callable[[str], str]) -> Callable[[str], str]:
+    """Extend a rename to quantized files, where ``X.weight_scale`` sits beside ``X.weight``."""
+
+    def rename(key: str) -> str:
+        if key.endswith(".weight_scale"):
+            return from_key(key[: -len("_scale")]) + "_scale"
+        return from_key(key)
+
+    return rename
+
+
+class Component:
+    """One weight set: skeleton + store + name map; materialized on demand."""
+
+    def __init__(
+        self,
+        name: str,
+        folder: Path,
+        build: Callable[[], nn.Module],
+        from_key: Callable[[str], str],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        quant: str = "none",
+        keep: Callable[[str], bool] = lambda n: False,
+        fp32: Callable[[str], bool] = lambda n: False,
+        aliases: dict[str, str] | None = None,
+    ):
+        self.name, self.build, self.device, self.dtype = name, build, device, dtype
+        self.keep, self.fp32 = keep, fp32
+        self.store = TensorStore(weight_files(folder))
+        self.stored_quant = self.store.metadata.get(QUANT_META, "none")
+        if self.stored_quant != "none" and quant not in ("none", self.stored_quant):
+            raise ValueError(
+                f"{folder} is stored as {self.stored_quant}; it cannot be loaded as {quant}"
+            )
+        self.quant = self.stored_quant if self.stored_quant != "none" else quant
+        skeleton = self._skeleton(self.stored_quant)
+        self.names = check_keys(self.store, skeleton, with_scales(from_key), aliases)
+        self.module: nn.Module | None = None
+        self.streamer: BlockStreamer | None = None
+        self._compact: dict[str, torch.Tensor] | None = None
+
+    def _skeleton(self, quant: str) -> nn.Module:
+        with torch.device("meta"):
+            module = self.build()
+        return quantize(module, quant, self.keep)
+
+    # -- weight sources ---------------------------------------------------------------------
+    def read(self, name: str) -> torch.Tensor:
+        """Parameter ``name`` (ours) as stored in the checkpoint, or quantized if asked."""
+        if self._compact is not None:
+            return self._compact[name]
+        return self.store.get(self.names[name])
+
+    def _quantize_into_ram(self, skeleton: nn.Module) -> None:
+        """Quantize layer by layer from the store; keep only the compact tensors."""
+        compact = {}
+        qlayers = {n for n, m in skeleton.named_modules() if isinstance(m, QLinear)}
+        for name, _ in skeleton.named_parameters():
+            layer, _, attr = name.rpartition(".")
+            if layer in qlayers and attr == "weight":
+                w, s = quantize_weight(self.store.get(self.names[layer + ".weight"]), self.quant)
+                compact[name], compact[layer + ".weight_scale"] = w, s
+            elif layer in qlayers and attr == "weight_scale":
+                continue
+            else:
+                compact[name] = cast(self.store.get(self.names[name]), self._dtype_for(name))
+        self._compact = compact
+
+    def _dtype_for(self, name: str) -> torch.dtype:
+        return torch.float32 if self.fp32(name) else self.dtype
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def acquire(self, stream_blocks: bool = False, row_embedding: str | None = None) -> nn.Module:
+        """The module, resident (or with its blocks streamed)."""
+        if self.module is not None:
+            return self.module
+        module = self._skeleton(self.quant)
+        if self.quant != self.stored_quant and self._compact is None:
+            self._quantize_into_ram(module)
+        names = {n: n for n, _ in module.named_parameters()}
+        if stream_blocks:
+            self.streamer = BlockStreamer(
+                module.blocks, "blocks", self.read, self.device, self.dtype, self.fp32
+            )
+            names = {n: n for n in names if not n.startswith("blocks.")}
+        if row_embedding is not None:
+            key = self.names[row_embedding + ".weight"]
+            rows = RowEmbedding(lambda r: self.store.get_rows(key, r), self.dtype)
+            setattr(module, row_embedding, rows)
+            names = {n: n for n in names if not n.startswith(row_embedding + ".")}
+        _materialize_rest(module, names, self.read, self.device, self.dtype, self.fp32)
+        self.module = module.eval().requires_grad_(False)
+        return self.module
+
+    def release(self) -> None:
+        if self.streamer is not None:
+            self.streamer.close()
+            self.streamer = None
+        self.module = None
+
+
+def _materialize_rest(module, names, source, device, dtype, fp32) -> None:
+    """Assign the parameters in ``names`` (full names) owned by ``module``."""
+    state = {}
+    for name in names:
+        t = cast(source(name), torch.float32 if fp32(name) else dtype)
+        state[name] = t.to(device)
+    missing = module.load_state_dict(state, strict=False, assign=True)
+    left = [k for k in missing.missing_keys if k in names]
+    if left or missing.unexpected_keys:
+        raise RuntimeError(f"internal: could not assign {left or missing.unexpected_keys}")
+
+
+def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
+    quant = options.quant
+    return {
+        "text_encoder": Component(
+            "text_encoder",
+            path / "text_encoder",
+            lambda: t5_mod.UMT5Encoder(cfg.t5),
+            t5_mod.from_diffusers_key,
+            device=device,
+            dtype=dtype,
+            quant=quant,
+            aliases=t5_mod.TIED_ALIASES,
+        ),
+        "transformer": Component(
+            "transformer",
+            path / "transformer",
+            lambda: dit_mod.WanDiT(cfg.dit, attn=options.attention),
+            dit_mod.from_diffusers_key,
+            device=device,
+            dtype=dtype,
+            quant=quant,
+            keep=dit_quant_keep,
+            fp32=dit_mod.keep_in_fp32,
+        ),
+        "vae": Component(
+            "vae",
+            path / "vae",
+            lambda: vae_mod.WanVAE(cfg.vae),
+            lambda k: vae_mod.from_diffusers_key(k, cfg.vae),
+            device=device,
+            dtype=torch.float32,  # the VAE always runs in fp32
+        ),
+    }
+
+
+__all__ = ["Component", "components", "materialize"]

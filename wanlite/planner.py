@@ -1,0 +1,171 @@
+"""Memory planner: a documented estimate of peak memory per phase, and the choice of offload
+mode and VAE tiling that fits a budget.
+
+The estimate (bytes) for each phase is weights resident + activations + a fixed runtime base:
+
+- weights: parameter counts from the config times bytes per stored parameter (int8 / fp8: 1,
+  otherwise the compute dtype; kept layers and the VAE in fp32).  ``offload="blocks"`` keeps two
+  blocks of the DiT / umT5 resident (the one running and the one prefetched) and reads only the
+  prompt's rows of the token embedding.
+- DiT activations, per forward with L tokens of width D (ffn width F, compute bytes s): the fp32
+  residual stream and its modulated copy, q/k/v/attention output (~8 L D 4), and the FFN
+  intermediate before and after GELU for one chunk of tokens (2 min(L, chunk) F s).  SDPA keeps
+  attention memory linear in L.
+- umT5 activations for n tokens (both prompts): ~8 n d_model 4 + the fp32 position-bias buffer
+  2 H n^2 4 + the FFN intermediates 3 n d_ff 4.
+- VAE decode: ``VAE_BYTES_PER_PIXEL_CHANNEL`` x base_dim x pixels of the region decoded at once
+  (the full frame, or one tile), calibrated from one untiled decode; plus the output chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .configs import ModelConfig, Options, parse_bytes
+
+log = logging.getLogger(__name__)
+
+RUNTIME_BASE = 400 * 2**20  # the torch runtime and Python objects, measured RSS on CPU
+VAE_BYTES_PER_PIXEL_CHANNEL = 200  # peak decode bytes per output pixel per base_dim channel
+FFN_CHUNK = 4096  # tokens per FFN chunk
+VAE_TILE = 32  # latent pixels (256 output pixels) per tile side
+VAE_OVERLAP = 8
+
+
+def dit_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(parameters in the blocks' linears, all other parameters) of the DiT."""
+    d, f, c = cfg.dit.dim, cfg.dit.ffn_dim, cfg.dit
+    per_block_linear = 8 * d * d + 2 * d * f + 8 * d + f + d  # weights + biases
+    per_block_other = 6 * d + 2 * d + 2 * d  # modulation, q/k norms x2, norm3
+    other = (
+        c.in_channels * d * 4
+        + d
+        + c.text_dim * d
+        + d * d
+        + c.freq_dim * d
+        + d * d
+        + 6 * d * d
+        + 2 * d * c.out_channels * 4
+        + 2 * d
+        + 10 * d
+    )
+    return c.num_layers * per_block_linear, c.num_layers * per_block_other + other
+
+
+def t5_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(parameters per layer, token embedding parameters) of the umT5 encoder."""
+    t = cfg.t5
+    inner = t.num_heads * t.d_kv
+    layer = 4 * t.d_model * inner + 3 * t.d_model * t.d_ff + 2 * t.d_model
+    return layer, t.vocab_size * t.d_model
+
+
+@dataclass(frozen=True)
+class Estimate:
+    encode: int
+    denoise: int
+    decode: int
+
+    @property
+    def peak(self) -> int:
+        return max(self.encode, self.denoise, self.decode)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"encode": self.encode, "denoise": self.denoise, "decode": self.decode}
+
+
+def estimate(
+    cfg: ModelConfig,
+    latent_shape: tuple[int, int, int, int],
+    *,
+    compute_bytes: int,
+    quant: str,
+    offload: str,
+    tiled: bool,
+    prompt_tokens: int = 512,
+) -> Estimate:
+    qb = 1 if quant in ("int8", "fp8") else compute_bytes
+    blocks_lin, dit_other = dit_params(cfg)
+    per_block = blocks_lin // cfg.dit.num_layers
+    dit_w = (2 * per_block if offload == "blocks" else blocks_lin) * qb + dit_other * 4
+    layer, emb = t5_params(cfg)
+    t = cfg.t5
+    if offload == "blocks":  # streamed: two layers (cast to the compute dtype) + rows
+        t5_w = 2 * layer * compute_bytes + 2 * prompt_tokens * t.d_model * 4
+    else:
+        t5_w = (t.num_layers * layer) * qb + emb * compute_bytes
+    n = 2 * prompt_tokens
+    t5_act = 8 * n * t.d_model * 4 + 2 * t.num_heads * prompt_tokens**2 * 4
+    t5_act += 3 * prompt_tokens * t.d_ff * 4
+    c, lf, lh, lw = latent_shape
+    pt, ph, pw = cfg.dit.patch_size
+    tokens = (lf // pt) * (lh // ph) * (lw // pw)
+    d = cfg.dit.dim
+    dit_act = 8 * tokens * d * 4 + 2 * min(tokens, FFN_CHUNK) * cfg.dit.ffn_dim * compute_bytes
+    dit_act += 3 * c * lf * lh * lw * 4 + 2 * 512 * cfg.dit.text_dim * compute_bytes
+    s = cfg.vae.spatial_stride
+    region = (min(lh, VAE_TILE) * min(lw, VAE_TILE) if tiled else lh * lw) * s * s
+    vae_w = vae_params(cfg) * 4
+    vae_act = VAE_BYTES_PER_PIXEL_CHANNEL * cfg.vae.base_dim * region
+    vae_act += 2 * 3 * cfg.vae.temporal_stride * lh * lw * s * s * 4  # output chunk + blend
+    keep_dit = offload == "none"
+    return Estimate(
+        encode=RUNTIME_BASE + t5_w + t5_act + (dit_w + vae_w if keep_dit else 0),
+        denoise=RUNTIME_BASE + dit_w + dit_act + (t5_w + vae_w if keep_dit else 0),
+        decode=RUNTIME_BASE + vae_w + vae_act + (dit_w + t5_w if keep_dit else 0),
+    )
+
+
+def vae_params(cfg: ModelConfig) -> int:
+    """~127 M at base_dim 96; scales with base_dim squared."""
+    return int(127e6 * (cfg.vae.base_dim / 96) ** 2)
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30  # unknown: assume a small machine
+
+
+def choose(
+    cfg: ModelConfig,
+    latent_shape: tuple[int, int, int, int],
+    options: Options,
+    device: torch.device,
+    compute_bytes: int,
+) -> tuple[str, bool, Estimate]:
+    """(offload mode, tiled decode, estimate) for one request under the options' budget."""
+    budget = (
+        parse_bytes(options.max_memory)
+        if options.max_memory is not None
+        else available_memory(device)
+    )
+    modes = ("none", "model", "blocks") if options.offload == "auto" else (options.offload,)
+    tilings = {"on": (True,), "off": (False,), "auto": (False, True)}[options.vae_tiling]
+    kw = dict(compute_bytes=compute_bytes, quant=options.quant)
+    for mode in modes:
+        for tiled in tilings:
+            est = estimate(cfg, latent_shape, offload=mode, tiled=tiled, **kw)
+            if est.peak <= budget:
+                return mode, tiled, est
+    mode, tiled = modes[-1], tilings[-1]
+    est = estimate(cfg, latent_shape, offload=mode, tiled=tiled, **kw)
+    log.warning(
+        "estimated peak %.1f GiB exceeds the memory budget %.1f GiB; using offload=%s, tiling=%s",
+        est.peak / 2**30,
+        budget / 2**30,
+        mode,
+        tiled,
+    )
+    return mode, tiled, est
