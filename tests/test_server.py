@@ -404,9 +404,6 @@ def test_twenty_concurrent_enqueues(server, tmp_path):
     with ThreadPoolExecutor(20) as pool:
         ids = list(pool.map(submit, jobs))
     assert len(set(ids)) == 20
-    t0 = time.monotonic()
-    health = server.req("GET", "/health", auth=False)  # responsive while the worker renders
-    assert health.status_code == 200 and time.monotonic() - t0 < 1.0
     for gen_id, (h, w, f, s) in zip(ids, jobs):
         d = server.wait(gen_id, timeout=180)
         assert d["status"] == "succeeded", d
@@ -436,6 +433,10 @@ def test_cancel_queued_and_running(server):
     running = server.enqueue(**LONG)[0]
     queued = server.enqueue()[0]
     server.wait(running, until={"processing"}, step=1)
+    for path in ("/health", "/api/ai/queue", f"/api/ai/queue/{running}", "/api/ai/models"):
+        t0 = time.monotonic()  # the HTTP side stays responsive while a video renders
+        assert server.req("GET", path).status_code == 200
+        assert time.monotonic() - t0 < 2.0, path
     r = server.req("DELETE", f"/api/ai/queue/{queued}")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     r = server.req("POST", f"/api/ai/queue/{running}/cancel")
@@ -477,6 +478,7 @@ BAD_BODIES = [
     ({"guidance_scale": -0.5}, "guidance_scale"),
     ({"guidance_scale": 10.5}, "guidance_scale"),
     ({"seed": -1}, "seed"),
+    ({"seed": 2**63}, "seed"),
     ({"height": "480"}, "height"),
     ({"height": 16.5}, "height"),
     ({"height": True}, "height"),

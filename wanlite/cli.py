@@ -36,7 +36,43 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--attention", default="sdpa", help="sdpa | math | flash_attn | sage")
+    _add_runtime_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+
+
+def _add_runtime_options(p) -> None:
+    p.add_argument("--quant", default="none", help="none | int8 | fp8 (DiT and umT5 blocks)")
+    p.add_argument("--offload", default="auto", help="auto | none | model | blocks")
+    p.add_argument("--max-memory", default=None, help="memory budget for auto, e.g. 6GB")
+    p.add_argument("--vae-tiling", default="auto", help="auto | on | off")
+
+
+def _options(args) -> dict:
+    return dict(
+        device=args.device,
+        dtype=args.dtype,
+        attention=args.attention,
+        quant=args.quant,
+        offload=args.offload,
+        max_memory=args.max_memory,
+        vae_tiling=args.vae_tiling,
+    )
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="write a quantized copy of a checkpoint")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="local folder, hub id, or random:tiny")
+    p.add_argument("--quant", required=True, help="int8 | fp8")
+    p.add_argument("--out", required=True, type=Path, help="new checkpoint folder")
+
+
+def _quantize(args) -> int:
+    from .lifecycle import quantize_checkpoint
+    from .loading import resolve_model
+
+    out = quantize_checkpoint(resolve_model(args.model), args.out, args.quant)
+    print(f"wrote {args.quant} checkpoint: {out}")
+    return 0
 
 
 def _generate(args) -> int:
@@ -49,9 +85,8 @@ def _generate(args) -> int:
         raise ValueError(f"--out must be an .mp4 path, got {str(out)!r}")
     if out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a directory")
-    pipe = load(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
-    video = pipe.generate(**params.to_dict(), progress=not args.quiet)
-    video.save(out)
+    pipe = load(args.model, **_options(args))
+    video = pipe.generate(**params.to_dict(), progress=not args.quiet, save_to=out)
     print(f"seed: {video.seed}")
     print(
         f"saved: {out} ({video.num_frames} frames, {video.width}x{video.height}, {video.fps} fps)"
@@ -66,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wanlite", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_quantize(sub)
     sub.add_parser("schema", help="print the JSON Schema of the generation parameters")
     args = parser.parse_args(argv)
     if args.command == "schema":
@@ -74,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
-        return _generate(args)
+        return {"generate": _generate, "quantize": _quantize}[args.command](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

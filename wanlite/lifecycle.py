@@ -199,3 +199,67 @@ def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
 
 
 __all__ = ["Component", "components", "materialize"]
+
+
+# --- pre-quantized checkpoints ("wanlite quantize") --------------------------------------------
+
+_TO_KEY = {"transformer": dit_mod.to_diffusers_key, "text_encoder": t5_mod.to_diffusers_key}
+
+
+def quantize_checkpoint(src: Path, out: Path, mode: str, shard_bytes: int = 2 * 2**30) -> Path:
+    """Copy the checkpoint at ``src`` to ``out`` with the DiT and umT5 block linears stored
+    quantized (``mode`` recorded in each safetensors file's metadata).  Tensor by tensor: the
+    full-precision model is never in memory at once."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from .configs import Options
+    from .pipeline import read_model_config
+
+    if mode not in ("int8", "fp8"):
+        raise ValueError(f"quant must be 'int8' or 'fp8', got {mode!r}")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} exists and is not empty")
+    cfg = read_model_config(src)
+    tmp = out.with_name(f".{out.name}.part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors*"), dirs_exist_ok=True)
+    for name in ("vae",):
+        for f in (src / name).glob("*.safetensors*"):
+            shutil.copy2(f, tmp / name / f.name)
+    comps = components(src, cfg, Options(quant=mode), torch.device("cpu"), None)
+    for name in ("transformer", "text_encoder"):
+        comp = comps[name]
+        skeleton = comp._skeleton(mode)
+        qlayers = {n for n, m in skeleton.named_modules() if isinstance(m, QLinear)}
+        shards, current, size = [], {}, 0
+        for pname, _ in skeleton.named_parameters():
+            layer, _, attr = pname.rpartition(".")
+            if layer in qlayers and attr == "weight_scale":
+                continue
+            key = _TO_KEY[name](pname)
+            if layer in qlayers and attr == "weight":
+                w, s = quantize_weight(comp.store.get(comp.names[pname]), mode)
+                current[key], current[key + "_scale"] = w, s
+            else:
+                current[key] = comp.store.get(comp.names[pname])
+            size = sum(t.numel() * t.element_size() for t in current.values())
+            if size >= shard_bytes:
+                shards.append(current)
+                current = {}
+        shards.append(current)
+        prefix = "model" if name == "text_encoder" else "diffusion_pytorch_model"
+        weight_map = {}
+        for i, tensors in enumerate(shards):
+            fname = f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(tensors, str(tmp / name / fname), metadata={"format": "pt", QUANT_META: mode})
+            weight_map.update(dict.fromkeys(tensors, fname))
+        index = {"metadata": {QUANT_META: mode}, "weight_map": weight_map}
+        (tmp / name / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        comp.store.close()
+    if out.exists():
+        out.rmdir()  # empty: checked above
+    tmp.rename(out)
+    return out

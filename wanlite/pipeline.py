@@ -26,16 +26,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import dit as dit_mod
-from . import t5 as t5_mod
-from . import vae as vae_mod
+from . import planner
 from .configs import DiTConfig, ModelConfig, Options, SchedulerConfig, T5Config, VAEConfig
-from .loading import load_module, read_json, resolve_model
+from .embed_cache import EmbeddingCache
+from .lifecycle import components
+from .loading import read_json, resolve_model
 from .memory import PeakMeter
 from .params import GenerationParams, validate
 from .scheduler import timesteps_and_sigmas, unipc_init, unipc_step
+from .tiling import iter_decode_tiled
 from .tokenizer import Tokenizer, clean_prompt
-from .video import Video
+from .video import Video, write_mp4
 
 log = logging.getLogger(__name__)
 
@@ -108,42 +109,75 @@ class Pipeline:
         meter = PeakMeter(self.device)
         t0 = time.perf_counter()
         with meter.phase("load"):
-            self.text_encoder = self._load("text_encoder", t5_mod, t5_mod.UMT5Encoder, self.dtype)
-            self.dit = self._load("transformer", dit_mod, dit_mod.WanDiT, self.dtype)
-            self.vae = self._load("vae", vae_mod, vae_mod.WanVAE, torch.float32)
+            # Headers only: every key and shape is checked now, weights are read when needed.
+            self.components = components(self.path, self.cfg, self.options, self.device, self.dtype)
+            self.embeddings = EmbeddingCache(
+                self.path,
+                self.components["text_encoder"],
+                self.dtype,
+                disk=self.options.embed_cache,
+            )
+            if self.options.offload == "none":
+                for name in ("text_encoder", "transformer", "vae"):
+                    self._acquire(name, "none")
         self.load_seconds = time.perf_counter() - t0
         self.load_peak = meter.peaks["load"]
+        self.offload = self.options.offload  # the mode used by the last call
+        self.vae_tiled = False
 
-    def _load(self, component: str, mod, cls, dtype: torch.dtype) -> torch.nn.Module:
-        cfg = {"transformer": self.cfg.dit, "text_encoder": self.cfg.t5, "vae": self.cfg.vae}
-        c = cfg[component]
-        with torch.device("meta"):
-            module = cls(c, attn=self.options.attention) if component == "transformer" else cls(c)
-        if component == "vae":
-            from_key = lambda k: mod.from_diffusers_key(k, c)  # noqa: E731
-        else:
-            from_key = mod.from_diffusers_key
-        aliases = getattr(mod, "TIED_ALIASES", None)
-        load_module(module, self.path / component, from_key, self.device, dtype, aliases)
-        return module.eval().requires_grad_(False)
+    def _acquire(self, name: str, offload: str) -> torch.nn.Module:
+        streamed = offload == "blocks" and name != "vae"
+        rows = "token_embedding" if streamed and name == "text_encoder" else None
+        return self.components[name].acquire(stream_blocks=streamed, row_embedding=rows)
+
+    def _release(self, name: str, offload: str) -> None:
+        if offload != "none":
+            self.components[name].release()
+
+    @property
+    def dit(self) -> torch.nn.Module:
+        return self._acquire("transformer", self.offload)
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self._acquire("vae", self.offload)
 
     # -- phases ---------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_prompts(self, texts: list[str]) -> torch.Tensor:
-        """[B, 512, text_dim] embeddings: real tokens encoded, the rest exact zeros."""
-        ids, mask = self.tokenizer([clean_prompt(t) for t in texts], max_length=MAX_TOKENS)
-        lengths = mask.sum(1).tolist()
-        if max(lengths) >= MAX_TOKENS:
-            log.warning("a prompt is longer than %d tokens and was truncated", MAX_TOKENS)
-        # Encoder outputs at real tokens do not depend on the padding after them (padded keys
-        # are masked; the position bias depends only on distances), so encode up to the longest
-        # real length only: exact, and 512/len times less work for a short prompt.
-        n_max = max(lengths)
-        ids, mask = ids[:, :n_max].to(self.device), mask[:, :n_max].to(self.device)
-        hidden = self.text_encoder(ids, mask)
-        out = hidden.new_zeros(len(texts), MAX_TOKENS, hidden.shape[-1])
-        for i, n in enumerate(lengths):
-            out[i, :n] = hidden[i, :n]
+        """[B, 512, text_dim] embeddings: real tokens encoded, the rest exact zeros.
+
+        Repeated prompts (and the default negative prompt) come from the embedding cache."""
+        cleaned = [clean_prompt(t) for t in texts]
+        found = {t: self.embeddings.get(t) for t in set(cleaned)}
+        todo = [t for t, e in found.items() if e is None]
+        if todo:
+            for t, e in zip(todo, self._encode(todo)):
+                found[t] = e
+                self.embeddings.put(t, e)
+        out = torch.zeros(len(texts), MAX_TOKENS, self.cfg.t5.d_model, dtype=self.dtype)
+        for i, t in enumerate(cleaned):
+            e = found[t]
+            out[i, : e.shape[0]] = e
+        return out.to(self.device)
+
+    def _encode(self, texts: list[str]) -> list[torch.Tensor]:
+        """Run the text encoder: one [n_i, d_model] tensor per (cleaned) text.
+
+        One text at a time, each cut to its real length: encoder outputs at real tokens do not
+        depend on the padding after them (padded keys are masked; the position bias depends
+        only on distances), so this is exact and 512/n times less work than encoding the padded
+        batch -- and an embedding then depends only on (model, text), never on which other
+        text shared its batch, so cached and fresh embeddings are bit-identical."""
+        encoder = self._acquire("text_encoder", self.offload)
+        out = []
+        for text in texts:
+            ids, mask = self.tokenizer([text], max_length=MAX_TOKENS)
+            n = int(mask.sum())
+            if n >= MAX_TOKENS:
+                log.warning("a prompt is longer than %d tokens and was truncated", MAX_TOKENS)
+            hidden = encoder(ids[:, :n].to(self.device), mask[:, :n].to(self.device))
+            out.append(hidden[0].to("cpu", self.dtype).clone())
         return out
 
     def denoise(
@@ -159,10 +193,11 @@ class Pipeline:
         timesteps, sigmas = timesteps_and_sigmas(self.cfg.scheduler, num_steps)
         state = unipc_init(self.cfg.scheduler, sigmas)
         latents = latents.to(self.device)
+        dit = self.dit
         for i, t in enumerate(timesteps):
             x = latents.to(self.dtype)
             tt = t.to(self.device, torch.float32).expand(x.shape[0])
-            preds = [self.dit(x, tt, ctx) for ctx in contexts]
+            preds = [dit(x, tt, ctx) for ctx in contexts]
             if len(preds) == 2:
                 cond, uncond = preds
                 pred = uncond + guidance_scale * (cond - uncond)
@@ -177,8 +212,11 @@ class Pipeline:
         vcfg = self.cfg.vae
         mean = torch.tensor(vcfg.latents_mean).view(1, -1, 1, 1, 1)
         inv_std = 1.0 / torch.tensor(vcfg.latents_std).view(1, -1, 1, 1, 1)
-        z = latents.float().cpu() / inv_std + mean  # same op order as diffusers
-        yield from self.vae.iter_decode(z.to(self.device))
+        z = (latents.float().cpu() / inv_std + mean).to(self.device)  # diffusers' op order
+        if self.vae_tiled:
+            yield from iter_decode_tiled(self.vae, z, planner.VAE_TILE, planner.VAE_OVERLAP)
+        else:
+            yield from self.vae.iter_decode(z)
 
     # -- the public call ------------------------------------------------------------------
     @torch.inference_mode()
@@ -196,12 +234,15 @@ class Pipeline:
         callback: StepCallback | None = None,
         progress: bool = True,
         output_type: str = "frames",
+        save_to: str | Path | None = None,
     ) -> Video:
         """Generate a video.  Parameters and ranges are the hosted API's (``wanlite.params``).
 
         ``callback(step, total, latents)`` runs after every denoising step; raising
         :class:`Cancelled` (or any exception) from it stops the generation.
-        ``output_type="latent"`` skips decoding and returns the final latents in ``.latents``."""
+        ``output_type="latent"`` skips decoding and returns the final latents in ``.latents``.
+        ``save_to="out.mp4"`` streams the decoded frames to an MP4 as they are decoded
+        (``video.frames`` is then empty and ``video.path`` names the file)."""
         p = validate(
             prompt=prompt,
             height=height,
@@ -217,6 +258,15 @@ class Pipeline:
         seed = p.seed if p.seed is not None else secrets.randbelow(2**32)
         log.info("seed %d", seed)
         plan = Plan.for_request(p, self.cfg)
+        self.offload, self.vae_tiled, est = planner.choose(
+            self.cfg, plan.latent_shape, self.options, self.device, self.dtype.itemsize
+        )
+        log.info(
+            "offload=%s, tiled VAE=%s, estimated peak %.2f GiB",
+            self.offload,
+            self.vae_tiled,
+            est.peak / 2**30,
+        )
         meter, timings = PeakMeter(self.device), {}
 
         t0 = time.perf_counter()
@@ -225,6 +275,7 @@ class Pipeline:
             texts = [p.prompt, p.negative_prompt] if cfg_on else [p.prompt]
             emb = self.encode_prompts(texts).to(self.dtype)
             contexts = [emb[i : i + 1] for i in range(len(texts))]
+            self._release("text_encoder", self.offload)
         timings["encode"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -237,6 +288,7 @@ class Pipeline:
                     bar.update(1)
                     if callback is not None:
                         callback(i, p.num_inference_steps, latents)
+            self._release("transformer", self.offload)
         timings["denoise"] = time.perf_counter() - t0
 
         empty = np.zeros((0, p.height, p.width, 3), np.uint8)
@@ -244,22 +296,28 @@ class Pipeline:
         if output_type == "frames":
             t0 = time.perf_counter()
             with meter.phase("decode"):
-                video.frames = self._frames(latents, plan, p)
+                chunks = self._iter_frames(latents, plan, p)
+                if save_to is None:
+                    video.frames = np.concatenate(list(chunks))
+                else:  # frames go straight to the encoder; only one chunk is ever held
+                    video.path = write_mp4(save_to, chunks, p.height, p.width, video.fps)
+                self._release("vae", self.offload)
             timings["decode"] = time.perf_counter() - t0
         video.timings = timings
         video.peak_memory = dict(meter.peaks)
         return video
 
-    def _frames(self, latents: torch.Tensor, plan: Plan, p: GenerationParams) -> np.ndarray:
+    def _iter_frames(self, latents: torch.Tensor, plan: Plan, p: GenerationParams):
+        """uint8 frame chunks [n, height, width, 3], cropped and trimmed to the request."""
         top, left = (plan.height - p.height) // 2, (plan.width - p.width) // 2
-        chunks, n = [], 0
+        n = 0
         for chunk in self.decode(latents):
             frames = to_uint8(chunk)[:, top : top + p.height, left : left + p.width]
-            chunks.append(frames[: p.num_frames - n])
-            n += len(chunks[-1])
+            frames = frames[: p.num_frames - n]
+            n += len(frames)
+            yield np.ascontiguousarray(frames)
             if n >= p.num_frames:
-                break
-        return np.concatenate(chunks)
+                return
 
 
 def load(model: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", **options) -> Pipeline:

@@ -145,11 +145,13 @@ class RMSNorm(nn.Module):
         return F.silu(out, inplace=True) if silu else out
 
 
-def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: Tensor, cache: CausalCache) -> Tensor:
-    """conv(silu(norm(x))), the norm writing straight into the conv's input buffer."""
+def _norm_into(norm: RMSNorm, conv: CausalConv3d, x: Tensor, cache: CausalCache) -> Tensor:
+    """``conv``'s input buffer, [history | silu(norm(x))]: the norm writes straight into it.
+    Callers drop ``x`` before ``conv.finish`` where they can, so it is freed before the conv
+    output is allocated."""
     buf, room = conv.begin(x, cache)
     norm(x, silu=True, out=room)
-    return conv.finish(buf, cache)
+    return buf
 
 
 class ResidualBlock(nn.Module):
@@ -169,8 +171,9 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        h = _norm_silu_conv(norm1, conv1, x, cache)
-        h = _norm_silu_conv(norm2, conv2, h, cache)
+        h = conv1.finish(_norm_into(norm1, conv1, x, cache), cache)
+        h = _norm_into(norm2, conv2, h, cache)  # frees conv1's output
+        h = conv2.finish(h, cache)
         return h.add_(x if self.shortcut is None else self.shortcut(x))
 
 
@@ -282,7 +285,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         x = _run(self.middle, _run(self.downsamples, self.conv1(x, cache), cache), cache)
-        return _norm_silu_conv(self.head[0], self.head[2], x, cache)
+        x = _norm_into(self.head[0], self.head[2], x, cache)
+        return self.head[2].finish(x, cache)
 
 
 class Decoder(nn.Module):
@@ -307,7 +311,8 @@ class Decoder(nn.Module):
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         x = _run(self.upsamples, _run(self.middle, self.conv1(x, cache), cache), cache)
-        return _norm_silu_conv(self.head[0], self.head[2], x, cache)
+        x = _norm_into(self.head[0], self.head[2], x, cache)
+        return self.head[2].finish(x, cache)
 
 
 class WanVAE(nn.Module):

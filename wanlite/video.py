@@ -72,6 +72,7 @@ class Video:
     peak_memory: dict[str, int] = field(default_factory=dict)  # bytes per phase
     params: dict | None = None
     latents: Any = None  # final fp32 latents [1, 16, F', h, w] (a torch.Tensor)
+    path: Path | None = None  # set when the frames were streamed to a file
 
     @property
     def num_frames(self) -> int:

@@ -45,20 +45,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wanlite.params import FIELDS_BY_NAME, json_schema, validate
 
+from .cli import DEFAULT_CHECKPOINT, DEFAULT_MODEL_ID
 from .guard import RESULT_RE, ApiError, Guard, error_response, read_body
 from .store import STATUSES, TERMINAL, QueueFull, Store
 from .worker import COMPLETED, EventHub, Worker, result_path, terminal_events
 
 log = logging.getLogger("wanlite.server")
 
-DEFAULT_MODEL_ID = "wan-ai-wan2-1-t2v-1-3b-diffusers"
 REPLAY_SECONDS = 60.0  # SSE: completions this recent are replayed to a new subscriber
 KEEPALIVE_SECONDS = 15.0
 
 
 @dataclass
 class ServerConfig:
-    model: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # what wanlite.load() gets
+    model: str = DEFAULT_CHECKPOINT  # what wanlite.load() gets
     model_id: str = DEFAULT_MODEL_ID  # the id clients send as "model"
     data_dir: Path = Path("wanlite-data")
     api_key: str | None = None

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 DEFAULT_CHECKPOINT = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+DEFAULT_MODEL_ID = "wan-ai-wan2-1-t2v-1-3b-diffusers"  # the hosted API's id for this model
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,9 +50,8 @@ def setup_logging(level: str = "info") -> None:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``serve`` to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
-    from .app import DEFAULT_MODEL_ID
-
+    """Add ``serve`` to ``subparsers`` (from ``ArgumentParser.add_subparsers``).  Light: it
+    imports neither FastAPI nor torch, so ``wanlite --help`` works without the server extra."""
     p = subparsers.add_parser(
         "serve",
         help="serve the hosted video API locally (sync, async queue, SSE)",

@@ -81,10 +81,10 @@ class Guard:
             return True
         m = RESULT_RE.match(scope["path"])
         if m:  # a signed result URL
-            query = dict(
-                p.split("=", 1) for p in scope["query_string"].decode().split("&") if "=" in p
-            )
-            return hmac.compare_digest(query.get("sig", ""), self.signer(m.group(1)))
+            pairs = scope["query_string"].decode("latin-1").split("&")
+            query = dict(p.split("=", 1) for p in pairs if "=" in p)
+            given_sig = query.get("sig", "").encode("latin-1")
+            return hmac.compare_digest(given_sig, self.signer(m.group(1)).encode())
         return False
 
     async def _handle(self, scope, receive, send):

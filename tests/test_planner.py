@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from wanlite.configs import FULL, TINY, Options, parse_bytes
+from wanlite.planner import choose, dit_params, estimate, t5_params
+
+FULL_480P = (16, 21, 60, 104)  # 832x480x81
+
+
+def test_parameter_counts_match_the_real_model():
+    assert abs(sum(dit_params(FULL)) / 1e9 - 1.42) < 0.01  # ~1.42 B (wan-facts)
+    layer, emb = t5_params(FULL)
+    assert abs((24 * layer + emb) / 1e9 - 5.68) < 0.05 and abs(emb / 1e9 - 1.05) < 0.01
+
+
+def test_offload_and_quant_lower_the_estimate():
+    est = {
+        (q, o): estimate(FULL, FULL_480P, compute_bytes=4, quant=q, offload=o, tiled=False).peak
+        for q in ("none", "int8")
+        for o in ("none", "model", "blocks")
+    }
+    assert est["none", "none"] > est["none", "model"] > est["none", "blocks"]
+    assert est["int8", "model"] < est["none", "model"]
+    tiled = estimate(FULL, FULL_480P, compute_bytes=4, quant="none", offload="blocks", tiled=True)
+    assert (
+        tiled.decode
+        < estimate(
+            FULL, FULL_480P, compute_bytes=4, quant="none", offload="blocks", tiled=False
+        ).decode
+    )
+
+
+def test_auto_fits_the_budget():
+    cpu = torch.device("cpu")
+    mode, tiled, est = choose(FULL, FULL_480P, Options(max_memory="6GB"), cpu, 4)
+    assert (mode, tiled) == ("blocks", True) and est.peak <= 6 * 2**30
+    mode, tiled, _ = choose(TINY, (16, 2, 4, 4), Options(max_memory="6GB"), cpu, 4)
+    assert (mode, tiled) == ("none", False)
+    mode, _, _ = choose(FULL, FULL_480P, Options(offload="model", max_memory="1GB"), cpu, 4)
+    assert mode == "model"  # forced modes are kept (with a warning when over budget)
+
+
+def test_parse_bytes_and_bad_options():
+    assert parse_bytes("6GB") == parse_bytes("6 GiB") == 6 * 2**30
+    assert parse_bytes("512mb") == 512 * 2**20
+    with pytest.raises(ValueError, match="max_memory"):
+        Options(max_memory="lots")
+    with pytest.raises(ValueError, match="offload"):
+        Options(offload="disk")
