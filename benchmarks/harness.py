@@ -83,6 +83,63 @@ def diffusers_generate(path: str, params: dict, dtype: str, setup: str = "plain"
     }
 
 
+def diffusers_phases(path: str, params: dict, dtype: str) -> dict:
+    """diffusers' WanPipeline run phase by phase through its own public API (encode_prompt,
+    the pipeline call on those embeddings, the VAE decode and video post-processing, as its
+    __call__ does them), so peak memory and time can be measured per phase."""
+    import torch
+    from diffusers import WanPipeline
+
+    peaks, secs = {}, {}
+    reset_peak()
+    t0 = time.perf_counter()
+    pipe = WanPipeline.from_pretrained(path, dtype=getattr(torch, dtype))
+    secs["load"], peaks["load"] = time.perf_counter() - t0, peak_rss()
+    cfg_on = params["guidance_scale"] > 1
+    with torch.inference_mode():
+        reset_peak()
+        t0 = time.perf_counter()
+        pe, npe = pipe.encode_prompt(
+            params["prompt"],
+            params["negative_prompt"],
+            cfg_on,
+            max_sequence_length=512,
+            device=torch.device("cpu"),
+        )
+        secs["encode"], peaks["encode"] = time.perf_counter() - t0, peak_rss()
+        reset_peak()
+        t0 = time.perf_counter()
+        latents = pipe(
+            prompt_embeds=pe,
+            negative_prompt_embeds=npe,
+            height=params["height"],
+            width=params["width"],
+            num_frames=params["num_frames"],
+            num_inference_steps=params["num_inference_steps"],
+            guidance_scale=params["guidance_scale"],
+            generator=torch.Generator("cpu").manual_seed(params["seed"]),
+            output_type="latent",
+        ).frames
+        secs["denoise"], peaks["denoise"] = time.perf_counter() - t0, peak_rss()
+        reset_peak()
+        t0 = time.perf_counter()
+        vae = pipe.vae
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        z = (latents.float() / inv_std + mean).to(vae.dtype)
+        video = pipe.video_processor.postprocess_video(vae.decode(z).sample, output_type="np")
+        secs["decode"], peaks["decode"] = time.perf_counter() - t0, peak_rss()
+    u8 = (np.asarray(video[0], dtype=np.float64) * 255).round().astype(np.uint8)
+    return {
+        "phase_peaks": peaks,
+        "phase_seconds": secs,
+        "peak": max(peaks.values()),
+        "generate_s": secs["encode"] + secs["denoise"] + secs["decode"],
+        "load_s": secs["load"],
+        "arrays": {"latents": latents.float().numpy(), "frames": u8},
+    }
+
+
 def wanlite_generate(path: str, params: dict, **options) -> dict:
     import wanlite
 

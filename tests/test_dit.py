@@ -182,3 +182,20 @@ def test_bf16_weights_against_diffusers(models, state):
 
 def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).pow(2).mean().sqrt().item()
+
+
+def test_chunked_ffn_and_attention_are_exact():
+    import wanlite.dit as d
+    from wanlite.attention import chunked, resolve
+
+    torch.manual_seed(0)
+    model = d.WanDiT(TINY.dit).eval()
+    model.load_state_dict(random_state_dict(model, "transformer", 0))
+    x, t, ctx = torch.randn(1, 16, 3, 8, 12), torch.tensor([500.0]), torch.randn(1, 9, 32)
+    full = model(x, t, ctx)
+    for b in model.blocks:
+        b.chunk = 7  # 72 tokens in chunks of 7
+    model.attn = chunked(resolve("sdpa"), 5)
+    diff = (model(x, t, ctx) - full).abs().max().item()
+    print(f"chunked FFN + attention vs unchunked: max abs diff {diff:.1e}")
+    assert diff <= 1e-5

@@ -62,3 +62,15 @@ def resolve(name: str = "sdpa") -> AttnFn:
         raise RuntimeError(f"attention backend {name!r} needs a CUDA device")
     log.debug("attention backend: %s", name)
     return fn
+
+
+def chunked(fn: AttnFn, chunk: int) -> AttnFn:
+    """``fn`` over chunks of the queries: softmax is per query row, so this is exact; it bounds
+    the memory of backends whose workspace grows with L_q x L_k (``math``)."""
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.shape[2] <= chunk:
+            return fn(q, k, v)
+        return torch.cat([fn(q[:, :, s : s + chunk], k, v) for s in range(0, q.shape[2], chunk)], 2)
+
+    return run

@@ -1,4 +1,4 @@
-"""Command line: ``wanlite generate``, ``wanlite schema``.
+"""wanlite: text-to-video with Wan2.1 T2V 1.3B (generate, quantize, serve, schema).
 
 The only module that prints: the library logs.  Every user error ends in one clear line on
 stderr and a non-zero exit code, never a traceback.
@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import server
 from .params import FIELDS, json_schema, validate
 
 DEFAULT_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -102,11 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_quantize(sub)
+    server.add_parser(sub)
     sub.add_parser("schema", help="print the JSON Schema of the generation parameters")
     args = parser.parse_args(argv)
     if args.command == "schema":
         print(json.dumps(json_schema(), indent=2))
         return 0
+    if args.command == "serve":
+        return server.run(args)
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:

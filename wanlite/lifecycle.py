@@ -10,10 +10,10 @@ released after it:
 offload       behaviour
 ============  ==================================================================================
 ``none``      every component stays resident after first use (fastest repeated calls)
-``model``     the umT5 is released after encoding, the DiT before decoding, the VAE after it
-``blocks``    as ``model``, and the umT5 and DiT blocks are streamed one ahead of use
-              (``offload.BlockStreamer``) with the umT5 token embedding read row by row: only
-              ~2 blocks of weights are resident at a time
+``model``     the umT5 is streamed (its 24 layers one ahead of use, ``offload.BlockStreamer``,
+              and only the prompt's rows of its token embedding), the DiT is released before
+              decoding, the VAE after it
+``blocks``    as ``model``, and the DiT's 30 blocks are streamed too: ~2 blocks resident
 ============  ==================================================================================
 
 Quantization (``int8`` / ``fp8``, see ``quant``) swaps the Linear layers of the DiT blocks and
@@ -90,6 +90,7 @@ class Component:
         self.module: nn.Module | None = None
         self.streamer: BlockStreamer | None = None
         self._compact: dict[str, torch.Tensor] | None = None
+        self._in_ram = False
 
     def _skeleton(self, quant: str) -> nn.Module:
         with torch.device("meta"):
@@ -98,8 +99,9 @@ class Component:
 
     # -- weight sources ---------------------------------------------------------------------
     def read(self, name: str) -> torch.Tensor:
-        """Parameter ``name`` (ours) as stored in the checkpoint, or quantized if asked."""
-        if self._compact is not None:
+        """Parameter ``name`` (ours): from the quantized copy in RAM if the module was built
+        from it, else as stored in the checkpoint."""
+        if self._compact is not None and self._in_ram:
             return self._compact[name]
         return self.store.get(self.names[name])
 
@@ -122,12 +124,20 @@ class Component:
         return torch.float32 if self.fp32(name) else self.dtype
 
     # -- lifecycle --------------------------------------------------------------------------
-    def acquire(self, stream_blocks: bool = False, row_embedding: str | None = None) -> nn.Module:
-        """The module, resident (or with its blocks streamed)."""
+    def acquire(
+        self, stream_blocks: bool = False, row_embedding: str | None = None, quantize: bool = True
+    ) -> nn.Module:
+        """The module, resident (or with its blocks streamed).
+
+        ``quantize=False`` streams a full-precision checkpoint as stored even when quantization
+        was asked for: quantizing in RAM would keep the whole (int8) model resident, which is
+        what streaming avoids -- the umT5 runs once per prompt, so this is its default."""
         if self.module is not None:
             return self.module
-        module = self._skeleton(self.quant)
-        if self.quant != self.stored_quant and self._compact is None:
+        in_ram = self.quant != self.stored_quant and quantize
+        module = self._skeleton(self.quant if in_ram else self.stored_quant)
+        self._in_ram = in_ram
+        if in_ram and self._compact is None:
             self._quantize_into_ram(module)
         names = {n: n for n, _ in module.named_parameters()}
         if stream_blocks:

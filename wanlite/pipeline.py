@@ -126,9 +126,15 @@ class Pipeline:
         self.vae_tiled = False
 
     def _acquire(self, name: str, offload: str) -> torch.nn.Module:
-        streamed = offload == "blocks" and name != "vae"
+        # The umT5 is streamed whenever offload is on (it runs once per new prompt, so reading
+        # its layers as it goes costs little); the DiT only in "blocks" mode.
+        streamed = (name == "text_encoder" and offload != "none") or (
+            name == "transformer" and offload == "blocks"
+        )
         rows = "token_embedding" if streamed and name == "text_encoder" else None
-        return self.components[name].acquire(stream_blocks=streamed, row_embedding=rows)
+        return self.components[name].acquire(
+            stream_blocks=streamed, row_embedding=rows, quantize=rows is None
+        )
 
     def _release(self, name: str, offload: str) -> None:
         if offload != "none":

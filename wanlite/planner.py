@@ -4,9 +4,9 @@ mode and VAE tiling that fits a budget.
 The estimate (bytes) for each phase is weights resident + activations + a fixed runtime base:
 
 - weights: parameter counts from the config times bytes per stored parameter (int8 / fp8: 1,
-  otherwise the compute dtype; kept layers and the VAE in fp32).  ``offload="blocks"`` keeps two
-  blocks of the DiT / umT5 resident (the one running and the one prefetched) and reads only the
-  prompt's rows of the token embedding.
+  otherwise the compute dtype; kept layers and the VAE in fp32).  With offload on, the umT5 keeps
+  two layers resident (the one running and the one prefetched) and reads only the prompt's rows
+  of the token embedding; ``offload="blocks"`` does the same for the DiT's blocks.
 - DiT activations, per forward with L tokens of width D (ffn width F, compute bytes s): the fp32
   residual stream and its modulated copy, q/k/v/attention output (~8 L D 4), and the FFN
   intermediate before and after GELU for one chunk of tokens (2 min(L, chunk) F s).  SDPA keeps
@@ -93,7 +93,7 @@ def estimate(
     dit_w = (2 * per_block if offload == "blocks" else blocks_lin) * qb + dit_other * 4
     layer, emb = t5_params(cfg)
     t = cfg.t5
-    if offload == "blocks":  # streamed: two layers (cast to the compute dtype) + rows
+    if offload != "none":  # streamed: two layers (cast to the compute dtype) + rows
         t5_w = 2 * layer * compute_bytes + 2 * prompt_tokens * t.d_model * 4
     else:
         t5_w = (t.num_layers * layer) * qb + emb * compute_bytes

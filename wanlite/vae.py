@@ -146,9 +146,8 @@ class RMSNorm(nn.Module):
 
 
 def _norm_into(norm: RMSNorm, conv: CausalConv3d, x: Tensor, cache: CausalCache) -> Tensor:
-    """``conv``'s input buffer, [history | silu(norm(x))]: the norm writes straight into it.
-    Callers drop ``x`` before ``conv.finish`` where they can, so it is freed before the conv
-    output is allocated."""
+    """``conv``'s input buffer [history | silu(norm(x))]; callers drop ``x`` before running
+    ``conv.finish`` on it where they can, so ``x`` is freed before the conv output exists."""
     buf, room = conv.begin(x, cache)
     norm(x, silu=True, out=room)
     return buf
@@ -238,8 +237,7 @@ class Resample(nn.Module):
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         conv = self.resample[1]
         if self.mode.startswith("up"):
-            if self.mode == "upsample3d" and not cache.first:
-                # Channels double; the two halves become consecutive frames.
+            if self.mode == "upsample3d" and not cache.first:  # 2x channels -> 2x frames
                 return _upsample_conv(self.time_conv(x, cache), conv, frames=2)
             return _upsample_conv(x, conv, frames=1)
         # Downsampling: pad right/bottom by one, 3x3 conv with stride 2 on every frame.
