@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import time
-
 import pytest
 import torch
 
 from wanlite import t5
-from wanlite.configs import FULL, TINY
+from wanlite.configs import TINY
 from wanlite.random_checkpoint import random_state_dict
 
 transformers = pytest.importorskip("transformers")
@@ -215,35 +212,3 @@ def test_checkpoint_file_round_trip(tmp_path):
     diff = (ours_from(sd)(ids, mask) - expected).abs().max().item()
     print(f"from_pretrained vs ours on the same file: max|diff| = {diff:.2e}")
     assert diff <= 1e-4
-
-
-@pytest.mark.slow
-@torch.inference_mode()
-def test_full_shape_two_layer_timing():
-    """FULL.t5 shapes with 2 layers, 512 tokens, fp32: ours vs transformers (prints timings)."""
-    cfg = dataclasses.replace(FULL.t5, num_layers=2)
-    sd = random_weights(0, cfg=cfg)
-    ours, ref = ours_from(sd, cfg), reference_from(sd, cfg)
-    ids = torch.randint(3, 30000, (1, L))
-    mask = torch.zeros(1, L, dtype=torch.long)
-    mask[0, :60] = 1
-
-    def best(fn, n=2):
-        fn()
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    a, b = ours(ids, mask), ref(input_ids=ids, attention_mask=mask).last_hidden_state
-    t_ours = best(lambda: ours(ids, mask))
-    t_ref = best(lambda: ref(input_ids=ids, attention_mask=mask))
-    t_trim = best(lambda: ours(ids[:, :60], mask[:, :60]))
-    print(
-        f"FULL.t5 x2 layers, 512 tokens, fp32, {torch.get_num_threads()} threads: ours "
-        f"{t_ours:.2f}s, transformers {t_ref:.2f}s; ours trimmed to 60 tokens {t_trim:.2f}s; "
-        f"max|diff| {(a - b).abs().max().item():.2e}"
-    )
-    assert (a - b).abs().max().item() <= 1e-3

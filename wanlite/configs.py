@@ -261,7 +261,14 @@ TINY = ModelConfig(
     t5=T5Config(vocab_size=512, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8),
     vae=VAEConfig(base_dim=8, num_res_blocks=1),
 )
-SIZES = {"tiny": TINY, "full": FULL}
+# Micro: the smallest shapes that keep every structural feature; for runs at the full default
+# request size (480x640, 81 frames, 30 steps) in seconds-to-minutes on a CPU.
+MICRO = ModelConfig(
+    dit=DiTConfig(dim=16, ffn_dim=32, num_layers=1, num_heads=1, head_dim=16, text_dim=32),
+    t5=TINY.t5,
+    vae=VAEConfig(base_dim=4, num_res_blocks=1),
+)
+SIZES = {"micro": MICRO, "tiny": TINY, "full": FULL}
 
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
