@@ -142,8 +142,8 @@ def main() -> None:
     ref = res["diffusers-bf16"]
     base = "none" if "none" in res else None
     print(
-        f"\n{a.size} shapes (all umT5 layers), {a.height}x{a.width}x{a.num_frames}, {a.steps} steps, "
-        f"CFG 5.0; CPU; diffusers bf16 weights+compute, wanlite fp32 compute"
+        f"\n{a.size} shapes (all umT5 layers), {a.height}x{a.width}x{a.num_frames}, "
+        f"{a.steps} steps, CFG 5.0; CPU; diffusers bf16 weights+compute, wanlite fp32 compute"
     )
     head = f"{'engine':<16}" + "".join(f"{ph + ' GiB':>12}" for ph in PHASES)
     print(
