@@ -34,21 +34,22 @@ def _add_generate(sub) -> None:
             required=f.required,
             help=f"{f.description}{rng}{default}",
         )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--attention", default="sdpa", help="sdpa | math | flash_attn | sage")
-    _add_runtime_options(p)
+    add_runtime_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
 
 
-def _add_runtime_options(p) -> None:
+def add_runtime_options(p) -> None:
+    """The ``wanlite.Options`` flags, shared by ``generate`` and ``serve``."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--attention", default="sdpa", help="sdpa | math | flash_attn | sage")
     p.add_argument("--quant", default="none", help="none | int8 | fp8 (DiT and umT5 blocks)")
     p.add_argument("--offload", default="auto", help="auto | none | model | blocks")
     p.add_argument("--max-memory", default=None, help="memory budget for auto, e.g. 6GB")
     p.add_argument("--vae-tiling", default="auto", help="auto | on | off")
 
 
-def _options(args) -> dict:
+def runtime_options(args) -> dict:
     return dict(
         device=args.device,
         dtype=args.dtype,
@@ -86,7 +87,7 @@ def _generate(args) -> int:
         raise ValueError(f"--out must be an .mp4 path, got {str(out)!r}")
     if out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a directory")
-    pipe = load(args.model, **_options(args))
+    pipe = load(args.model, **runtime_options(args))
     video = pipe.generate(**params.to_dict(), progress=not args.quiet, save_to=out)
     print(f"seed: {video.seed}")
     print(

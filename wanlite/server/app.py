@@ -33,7 +33,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +65,7 @@ class ServerConfig:
     max_queue: int = 64  # generations waiting (not counting the running one)
     max_body: int = 64 * 1024
     public_url: str | None = None  # base of result URLs; default: the request's own
-    device: str = "auto"
-    dtype: str = "auto"
-    attention: str = "sdpa"
+    options: dict = field(default_factory=dict)  # wanlite.Options fields for wanlite.load
     threads: int = 0  # torch intra-op threads for the model; 0 = torch's default
 
 
@@ -93,8 +91,7 @@ def create_app(config: ServerConfig, loader=None) -> FastAPI:
                 import torch
 
                 torch.set_num_threads(config.threads)
-            opts = {"device": config.device, "dtype": config.dtype, "attention": config.attention}
-            return wanlite.load(config.model, **opts)
+            return wanlite.load(config.model, **config.options)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

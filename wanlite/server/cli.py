@@ -88,9 +88,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="base of result URLs, e.g. behind a proxy (default: the request's host)",
     )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--attention", default="sdpa", help="sdpa | math | flash_attn | sage")
+    from ..cli import add_runtime_options  # the same runtime flags as `wanlite generate`
+
+    add_runtime_options(p)
     p.add_argument(
         "--threads", type=int, default=0, help="CPU threads for the model (default: torch's)"
     )
@@ -104,6 +104,14 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("wanlite.server")
     if args.max_queue < 1:
         print("error: --max-queue must be at least 1", file=sys.stderr)
+        return 2
+    from ..cli import runtime_options
+    from ..configs import Options
+
+    try:
+        Options(**runtime_options(args))  # a bad flag is one line now, not a failed /ready later
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         import uvicorn
@@ -119,9 +127,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("WANLITE_API_KEY") or None,
         max_queue=args.max_queue,
         public_url=args.public_url,
-        device=args.device,
-        dtype=args.dtype,
-        attention=args.attention,
+        options=runtime_options(args),
         threads=args.threads,
     )
     try:  # fail early, in one line, on a data dir that is busy or not writable
