@@ -88,12 +88,14 @@ def diffusers_phases(path: str, params: dict, dtype: str) -> dict:
     the pipeline call on those embeddings, the VAE decode and video post-processing, as its
     __call__ does them), so peak memory and time can be measured per phase."""
     import torch
-    from diffusers import WanPipeline
+    from diffusers import AutoencoderKLWan, WanPipeline
 
     peaks, secs = {}, {}
     reset_peak()
     t0 = time.perf_counter()
-    pipe = WanPipeline.from_pretrained(path, dtype=getattr(torch, dtype))
+    # As diffusers' Wan docs load it: the VAE in fp32, the rest in ``dtype``.
+    vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(path, vae=vae, dtype=getattr(torch, dtype))
     secs["load"], peaks["load"] = time.perf_counter() - t0, peak_rss()
     cfg_on = params["guidance_scale"] > 1
     with torch.inference_mode():
