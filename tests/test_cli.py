@@ -20,6 +20,7 @@ def test_generate_random_tiny(tmp_path, tiny_checkpoint, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "seed: 11" in printed and "denoise:" in printed and "peak" in printed
+    assert "(6 frames, 40x33, 16 fps)" in printed
     assert read_mp4(out).shape == (6, 33, 40, 3)
 
 

@@ -90,9 +90,8 @@ def _generate(args) -> int:
     pipe = load(args.model, **runtime_options(args))
     video = pipe.generate(**params.to_dict(), progress=not args.quiet, save_to=out)
     print(f"seed: {video.seed}")
-    print(
-        f"saved: {out} ({video.num_frames} frames, {video.width}x{video.height}, {video.fps} fps)"
-    )
+    size = f"{params.num_frames} frames, {params.width}x{params.height}, {video.fps} fps"
+    print(f"saved: {out} ({size})")
     print(f"load: {pipe.load_seconds:.1f} s, peak {fmt_bytes(pipe.load_peak)}")
     for phase, seconds in video.timings.items():
         print(f"{phase}: {seconds:.1f} s, peak {fmt_bytes(video.peak_memory[phase])}")

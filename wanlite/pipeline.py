@@ -262,7 +262,15 @@ class Pipeline:
         if output_type not in ("frames", "latent"):
             raise ValueError(f"output_type must be 'frames' or 'latent', got {output_type!r}")
         seed = p.seed if p.seed is not None else secrets.randbelow(2**32)
-        log.info("seed %d", seed)
+        log.info(
+            "generating %dx%d, %d frames, %d steps, guidance %g, seed %d",
+            p.width,
+            p.height,
+            p.num_frames,
+            p.num_inference_steps,
+            p.guidance_scale,
+            seed,
+        )
         plan = Plan.for_request(p, self.cfg)
         self.offload, self.vae_tiled, est = planner.choose(
             self.cfg, plan.latent_shape, self.options, self.device, self.dtype.itemsize
