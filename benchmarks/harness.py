@@ -155,8 +155,7 @@ def wanlite_generate(path: str, params: dict, **options) -> dict:
     return {
         "load_s": load_s,
         "generate_s": gen_s,
-        "peak": max(load_peak, peak_rss()),
-        "generate_peak": peak_rss(),
+        "peak": max(load_peak, *video.peak_memory.values()),  # phases reset the high-water mark
         "phase_peaks": video.peak_memory,
         "phase_seconds": video.timings,
         "arrays": {"latents": video.latents.float().numpy(), "frames": video.frames},

@@ -34,6 +34,7 @@ from . import dit as dit_mod
 from . import t5 as t5_mod
 from . import vae as vae_mod
 from .loading import check_keys, weight_files
+from .memory import trim
 from .offload import BlockStreamer, RowEmbedding, cast, materialize
 from .quant import QLinear, quantize, quantize_weight
 from .tensorstore import TensorStore
@@ -139,6 +140,7 @@ class Component:
         self._in_ram = in_ram
         if in_ram and self._compact is None:
             self._quantize_into_ram(module)
+            trim()  # the full-precision temporaries are gone: return their pages
         names = {n: n for n, _ in module.named_parameters()}
         if stream_blocks:
             self.streamer = BlockStreamer(
@@ -159,6 +161,7 @@ class Component:
             self.streamer.close()
             self.streamer = None
         self.module = None
+        trim()
 
 
 def _materialize_rest(module, names, source, device, dtype, fp32) -> None:

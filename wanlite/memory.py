@@ -73,3 +73,16 @@ class PeakMeter:
 
 def fmt_bytes(n: int) -> str:
     return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.0f} MiB"
+
+
+def trim() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``).
+
+    Large weights freed between phases can stay in the process's heap when smaller live
+    allocations sit between them (fragmentation); ``malloc_trim`` returns every free page,
+    including those in the middle of the heap.  A no-op where glibc is not the allocator."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
