@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from harness import (
+    bench_params,
     compare,
     diffusers_phases,
     gib,
@@ -110,16 +111,7 @@ def main() -> None:
     a = p.parse_args()
     from wanlite.loading import resolve_model
 
-    params = dict(
-        prompt="a red fox running through snow, cinematic",
-        negative_prompt=" ",
-        height=a.height,
-        width=a.width,
-        num_frames=a.num_frames,
-        num_inference_steps=a.steps,
-        guidance_scale=5.0,
-        seed=42,
-    )
+    params = bench_params(a.height, a.width, a.num_frames, a.steps, 5.0)
     if a.worker == "block":
         print(json.dumps(block_check()))
         return

@@ -15,7 +15,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import compare, diffusers_generate, gib, run_worker, save_result, wanlite_generate
+from harness import (
+    bench_params,
+    compare,
+    diffusers_phases,
+    gib,
+    run_worker,
+    save_result,
+    wanlite_generate,
+)
 
 
 def main() -> None:
@@ -32,18 +40,9 @@ def main() -> None:
     from wanlite.loading import resolve_model
 
     path = str(resolve_model(f"random:full:{a.t5_layers}"))
-    params = dict(
-        prompt="a red fox running through snow, cinematic",
-        negative_prompt=" ",
-        height=a.height,
-        width=a.width,
-        num_frames=a.num_frames,
-        num_inference_steps=a.steps,
-        guidance_scale=a.guidance,
-        seed=42,
-    )
+    params = bench_params(a.height, a.width, a.num_frames, a.steps, a.guidance)
     if a.worker == "diffusers":
-        save_result(diffusers_generate(path, params, "float32"), a.out)
+        save_result(diffusers_phases(path, params, "float32"), a.out)
         return
     if a.worker == "wanlite":
         save_result(wanlite_generate(path, params, device="cpu", dtype="float32"), a.out)

@@ -18,6 +18,20 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
+def bench_params(height: int, width: int, num_frames: int, steps: int, guidance: float) -> dict:
+    """The request both engines get (fixed prompt and seed)."""
+    return dict(
+        prompt="a red fox running through snow, cinematic",
+        negative_prompt=" ",
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        seed=42,
+    )
+
+
 def peak_rss() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -39,48 +53,6 @@ def run_worker(script: Path, args: list[str], timeout: float = 7200) -> dict:
     out = json.loads(r.stdout.strip().splitlines()[-1])
     out["process_seconds"] = time.perf_counter() - t0
     return out
-
-
-def diffusers_generate(path: str, params: dict, dtype: str, setup: str = "plain") -> dict:
-    """diffusers' WanPipeline as a user would run it; returns measurements + arrays."""
-    import torch
-    from diffusers import WanPipeline
-
-    t0 = time.perf_counter()
-    pipe = WanPipeline.from_pretrained(path, dtype=getattr(torch, dtype))
-    if setup == "lowmem":  # its documented memory savers that apply on a CPU-only machine
-        pipe.vae.enable_tiling()
-        pipe.vae.enable_slicing()
-    load_s, load_peak = time.perf_counter() - t0, peak_rss()
-    final = {}
-
-    def keep(pipe_, i, t, kw):
-        final["latents"] = kw["latents"].float().clone()
-        return kw
-
-    reset_peak()
-    t0 = time.perf_counter()
-    frames = pipe(
-        prompt=params["prompt"],
-        negative_prompt=params["negative_prompt"],
-        height=params["height"],
-        width=params["width"],
-        num_frames=params["num_frames"],
-        num_inference_steps=params["num_inference_steps"],
-        guidance_scale=params["guidance_scale"],
-        generator=torch.Generator("cpu").manual_seed(params["seed"]),
-        output_type="np",
-        callback_on_step_end=keep,
-    ).frames[0]
-    gen_s = time.perf_counter() - t0
-    u8 = (np.asarray(frames, dtype=np.float64) * 255).round().astype(np.uint8)
-    return {
-        "load_s": load_s,
-        "generate_s": gen_s,
-        "peak": max(load_peak, peak_rss()),
-        "generate_peak": peak_rss(),
-        "arrays": {"latents": final["latents"].numpy(), "frames": u8},
-    }
 
 
 def diffusers_phases(path: str, params: dict, dtype: str) -> dict:
