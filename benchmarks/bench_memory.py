@@ -58,14 +58,14 @@ def block_check() -> dict:
     model.load_state_dict(random_state_dict(model, "transformer", 0))
     grid, d = (21, 30, 52), cfg.dim
     x = torch.randn(1, grid[0] * grid[1] * grid[2], d)
-    ctx = model.text_embedding(torch.randn(1, 512, cfg.text_dim))
+    text = model.prepare_text(torch.randn(1, 512, cfg.text_dim))
     _, e0 = model.time_embeddings(torch.tensor([500.0]), 1)
     rope = model.rope(grid, "cpu")
     base = peak_rss()
     reset_peak()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        model.blocks[0](x, e0, ctx, rope, model.attn)
+        model.blocks[0](x, e0, text, 0, rope, model.attn)
     seconds = time.perf_counter() - t0
     measured = peak_rss() - base
     tokens = x.shape[1]

@@ -199,3 +199,50 @@ def test_chunked_ffn_and_attention_are_exact():
     diff = (model(x, t, ctx) - full).abs().max().item()
     print(f"chunked FFN + attention vs unchunked: max abs diff {diff:.1e}")
     assert diff <= 1e-5
+
+
+def test_merged_padding_is_exact(models):
+    """The zero padding after a prompt is attended to as one key with a log-count bias."""
+    ours, _ = models
+    x, t, _ = _inputs(2, 3, 6, 8, 1, (500.0, 500.0))
+    ctx = torch.zeros(2, 24, CFG.text_dim)
+    ctx[0, :5], ctx[1, :9] = torch.randn(5, CFG.text_dim), torch.randn(9, CFG.text_dim)
+    temb = ours.time_embeddings(t, 2)
+    full = ours.step(x, temb, ours.prepare_text(ctx))
+    merged = ours.prepare_text(ctx, [5, 9])
+    assert merged.ctx.shape[1] == 10 and merged.bias is not None  # 9 real + 1 merged pad key
+    got = ours.step(x, temb, merged)
+    one = ours.step(x[:1], ours.time_embeddings(t[:1], 1), ours.prepare_text(ctx[:1], [5]))
+    diff = max((got - full).abs().max().item(), (one - full[:1]).abs().max().item())
+    print(f"merged padding vs 24 padded keys: max abs diff {diff:.1e}")
+    assert diff <= 1e-5
+    assert ours.prepare_text(ctx[:1], [24]).bias is None  # no padding, nothing to merge
+
+
+def test_fused_projections_are_exact_and_keep_names(state):
+    from wanlite.dit import fuse_projections
+    from wanlite.quant import _joined
+
+    model = WanDiT(CFG).eval()
+    model.load_state_dict(state, strict=True)
+    x, t, ctx = _inputs(*SHAPES[1])
+    before = model(x, t, ctx)
+    fuse_projections(model)
+    attn = model.blocks[0].self_attn
+    assert _joined([attn.q.weight, attn.k.weight, attn.v.weight]) is not None
+    assert set(model.state_dict()) == set(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert (model(x, t, ctx) - before).abs().max().item() <= 1e-5
+
+
+def test_compiled_blocks_match(state):
+    from wanlite.dit import compile_blocks
+
+    model = WanDiT(CFG).eval()
+    model.load_state_dict(state, strict=True)
+    x, t, ctx = _inputs(*SHAPES[1])
+    eager = model(x, t, ctx)
+    compile_blocks(model)
+    diff = (model(x, t, ctx) - eager).abs().max().item()
+    print(f"torch.compile vs eager: max abs diff {diff:.1e}")
+    assert diff <= 1e-4

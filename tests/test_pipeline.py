@@ -76,7 +76,7 @@ def test_bad_input_fails_before_any_model_work(tiny_pipe, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("model work started")
 
-    monkeypatch.setattr(tiny_pipe, "encode_prompts", boom)
+    monkeypatch.setattr(tiny_pipe, "encode_texts", boom)
     for bad in [dict(height=481), dict(num_frames=0), dict(guidance_scale=float("nan"))]:
         with pytest.raises(ValueError, match=next(iter(bad))):
             tiny_pipe.generate("x", **bad)
@@ -103,3 +103,34 @@ def test_timings_and_peak_memory_reported(tiny_pipe):
     assert set(v.timings) == {"encode", "denoise", "decode"} == set(v.peak_memory)
     assert all(t > 0 for t in v.timings.values())
     assert all(m > 10 * 1024**2 for m in v.peak_memory.values())  # RSS of a torch process
+
+
+def test_batched_and_sequential_cfg_agree(tiny_checkpoint):
+    import wanlite
+
+    kw = dict(height=32, width=48, num_frames=5, num_inference_steps=3, seed=2, progress=False)
+    out = {}
+    for mode in ("on", "off"):
+        pipe = wanlite.load(str(tiny_checkpoint), device="cpu", cfg_batch=mode, embed_cache=False)
+        out[mode] = pipe.generate("a fox", negative_prompt="blurry, dark", **kw)
+        assert out[mode].stats["cfg_batched"] == (mode == "on")
+        assert out[mode].stats["dit_forwards"] == 6
+    diff = (out["on"].latents - out["off"].latents).abs().max().item()
+    print(f"batched vs sequential CFG: latents max abs diff {diff:.1e}")
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("batch", ["on", "off"])
+def test_cfg_gating_skips_the_unconditional_pass(tiny_checkpoint, batch):
+    import wanlite
+
+    kw = dict(height=32, width=32, num_frames=5, num_inference_steps=4, seed=2, progress=False)
+    exact = wanlite.load(str(tiny_checkpoint), device="cpu", cfg_batch=batch).generate("x", **kw)
+    pipe = wanlite.load(str(tiny_checkpoint), device="cpu", cfg_batch=batch, cfg_skip_last=0.5)
+    gated = pipe.generate("x", **kw)
+    assert gated.stats["cfg_steps"] == 2 and gated.stats["dit_forwards"] == 2 * 2 + 2
+    assert exact.stats["dit_forwards"] == 8
+    assert gated.frames.shape == exact.frames.shape
+    assert not torch.equal(gated.latents, exact.latents)
+    off = pipe.generate("x", guidance_scale=1.0, **kw)  # no CFG at all: one pass per step
+    assert off.stats["dit_forwards"] == 4 and off.stats["cfg_steps"] == 0

@@ -32,12 +32,27 @@ def test_offload_and_quant_lower_the_estimate():
 
 def test_auto_fits_the_budget():
     cpu = torch.device("cpu")
-    mode, tiled, est = choose(FULL, FULL_480P, Options(max_memory="6GB"), cpu, 4)
-    assert (mode, tiled) == ("blocks", True) and est.peak <= 6 * 2**30
-    mode, tiled, _ = choose(TINY, (16, 2, 4, 4), Options(max_memory="6GB"), cpu, 4)
-    assert (mode, tiled) == ("none", False)
-    mode, _, _ = choose(FULL, FULL_480P, Options(offload="model", max_memory="1GB"), cpu, 4)
-    assert mode == "model"  # forced modes are kept (with a warning when over budget)
+    c = choose(FULL, FULL_480P, Options(max_memory="6GB"), cpu, 4)
+    assert (c.offload, c.tiled) == ("blocks", True)
+    assert c.estimate.peak <= 6 * 2**30
+    c = choose(TINY, (16, 2, 4, 4), Options(max_memory="6GB"), cpu, 4)
+    assert (c.offload, c.tiled, c.cfg_batched) == ("none", False, True)
+    c = choose(FULL, FULL_480P, Options(offload="model", max_memory="1GB"), cpu, 4)
+    assert c.offload == "model"  # forced modes are kept (with a warning when over budget)
+
+
+def test_cfg_batching_needs_room_for_twice_the_activations():
+    cpu = torch.device("cpu")
+    kw = dict(compute_bytes=4, quant="int8", offload="blocks", tiled=True)
+    one, two = estimate(FULL, FULL_480P, **kw), estimate(FULL, FULL_480P, cfg_batch=2, **kw)
+    assert two.denoise > one.denoise and two.encode == one.encode
+    between = (one.peak + two.peak) // 2
+    opts = dict(quant="int8", offload="blocks", vae_tiling="on")
+    assert not choose(FULL, FULL_480P, Options(max_memory=between, **opts), cpu, 4).cfg_batched
+    roomy = Options(max_memory=two.peak, **opts)
+    assert choose(FULL, FULL_480P, roomy, cpu, 4).cfg_batched
+    forced = Options(max_memory=between, cfg_batch="on", **opts)
+    assert choose(FULL, FULL_480P, forced, cpu, 4).cfg_batched
 
 
 def test_parse_bytes_and_bad_options():

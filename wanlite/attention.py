@@ -2,8 +2,14 @@
 
 ``attention(q, k, v)`` takes ``[B, heads, L, head_dim]`` tensors and returns the same layout.
 The default backend is PyTorch SDPA (flash / memory-efficient kernels on CUDA, a fused kernel
-on CPU).  Optional CUDA-only libraries (flash-attn, SageAttention) can be asked for by name; a
-backend that is asked for and missing is an error, never a silent fallback.
+on CPU).  Optional CUDA-only libraries (flash-attn, SageAttention, xformers) can be asked for by
+name; a backend that is asked for and missing is an error, never a silent fallback.  ``"auto"``
+picks once, at load: the first of flash_attn, sage, xformers that is installed and can run on a
+CUDA device, else SDPA; the choice is logged.  (SageAttention quantizes q/k to int8: faster,
+not exact; "auto" takes it only after flash-attn.)
+
+The cross-attention with a merged padding key (``dit.TextState``) needs an additive mask and
+always runs through SDPA; the backends here serve the self-attention, where the time goes.
 """
 
 from __future__ import annotations
@@ -43,25 +49,53 @@ def _sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
 
 
+def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from xformers.ops import memory_efficient_attention  # layout [B, L, heads, d]
+
+    out = memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
 _BACKENDS: dict[str, tuple[AttnFn, str | None]] = {
     "sdpa": (_sdpa, None),
     "math": (_math, None),
     "flash_attn": (_flash_attn, "flash_attn"),
     "sage": (_sage, "sageattention"),
+    "xformers": (_xformers, "xformers"),
 }
+AUTO_ORDER = ("flash_attn", "sage", "xformers")
+NAMES = ("auto", *_BACKENDS)
+
+
+def available(name: str) -> str | None:
+    """None if backend ``name`` can run here, else the reason it cannot."""
+    module = _BACKENDS[name][1]
+    if module is None:
+        return None
+    if importlib.util.find_spec(module) is None:
+        return f"needs the {module!r} package"
+    if not torch.cuda.is_available():
+        return "needs a CUDA device"
+    return None
+
+
+def resolve_name(name: str = "sdpa") -> str:
+    """The backend that ``name`` stands for ("auto" picks here, once); raise if unusable."""
+    if name not in NAMES:
+        raise ValueError(f"attention backend must be one of {list(NAMES)}, got {name!r}")
+    if name == "auto":
+        name = next((n for n in AUTO_ORDER if available(n) is None), "sdpa")
+        log.info("attention backend (auto): %s", name)
+        return name
+    reason = available(name)
+    if reason is not None:
+        raise RuntimeError(f"attention backend {name!r} {reason}")
+    return name
 
 
 def resolve(name: str = "sdpa") -> AttnFn:
     """Return the attention function for ``name``; raise if it cannot run here."""
-    if name not in _BACKENDS:
-        raise ValueError(f"attention backend must be one of {sorted(_BACKENDS)}, got {name!r}")
-    fn, module = _BACKENDS[name]
-    if module is not None and importlib.util.find_spec(module) is None:
-        raise RuntimeError(f"attention backend {name!r} needs the {module!r} package")
-    if module is not None and not torch.cuda.is_available():
-        raise RuntimeError(f"attention backend {name!r} needs a CUDA device")
-    log.debug("attention backend: %s", name)
-    return fn
+    return _BACKENDS[resolve_name(name)][0]
 
 
 def chunked(fn: AttnFn, chunk: int) -> AttnFn:

@@ -1,4 +1,4 @@
-"""wanlite: text-to-video with Wan2.1 T2V 1.3B (generate, quantize, serve, schema).
+"""wanlite: text-to-video with Wan2.1 T2V 1.3B (generate, quantize, bench, serve, schema).
 
 The only module that prints: the library logs.  Every user error ends in one clear line on
 stderr and a non-zero exit code, never a traceback.
@@ -42,11 +42,20 @@ def add_runtime_options(p) -> None:
     """The ``wanlite.Options`` flags, shared by ``generate`` and ``serve``."""
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--attention", default="sdpa", help="sdpa | math | flash_attn | sage")
+    p.add_argument(
+        "--attention", default="auto", help="auto | sdpa | math | flash_attn | sage | xformers"
+    )
     p.add_argument("--quant", default="none", help="none | int8 | fp8 (DiT and umT5 blocks)")
     p.add_argument("--offload", default="auto", help="auto | none | model | blocks")
     p.add_argument("--max-memory", default=None, help="memory budget for auto, e.g. 6GB")
     p.add_argument("--vae-tiling", default="auto", help="auto | on | off")
+    p.add_argument("--cfg-batch", default="auto", help="auto | on | off (CFG passes as a batch)")
+    p.add_argument(
+        "--cfg-skip-last", type=float, default=0.0, help="skip the negative pass on this fraction"
+    )
+    p.add_argument("--cache", default="off", help="off | teacache | firstblock (not exact)")
+    p.add_argument("--cache-threshold", type=float, default=None, help="step-cache threshold")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT block")
 
 
 def runtime_options(args) -> dict:
@@ -58,6 +67,11 @@ def runtime_options(args) -> dict:
         offload=args.offload,
         max_memory=args.max_memory,
         vae_tiling=args.vae_tiling,
+        cfg_batch=args.cfg_batch,
+        cfg_skip_last=args.cfg_skip_last,
+        cache=args.cache,
+        cache_threshold=args.cache_threshold,
+        compile=args.compile,
     )
 
 
@@ -75,6 +89,32 @@ def _quantize(args) -> int:
     out = quantize_checkpoint(resolve_model(args.model), args.out, args.quant)
     print(f"wrote {args.quant} checkpoint: {out}")
     return 0
+
+
+def _add_bench(sub) -> None:
+    from .bench import DEFAULT_MODES
+
+    p = sub.add_parser("bench", help="time wanlite's speed modes on a checkpoint and device")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="local folder, hub id, or random:tiny")
+    p.add_argument(
+        "--modes", default=DEFAULT_MODES, help=f"comma-separated (default {DEFAULT_MODES})"
+    )
+    p.add_argument("--out", default="wanlite-bench", help="folder for bench.json and bench.png")
+    p.add_argument("--prompt", default="a red fox running through snow, cinematic")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--num-frames", type=int, default=17)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=42)
+    for flag in ("device", "dtype", "attention", "quant", "offload", "max-memory", "vae-tiling"):
+        p.add_argument("--" + flag, default=None, help="as for generate")
+
+
+def _bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
 
 
 def _generate(args) -> int:
@@ -103,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_quantize(sub)
+    _add_bench(sub)
     server.add_parser(sub)
     sub.add_parser("schema", help="print the JSON Schema of the generation parameters")
     args = parser.parse_args(argv)
@@ -114,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
-        return {"generate": _generate, "quantize": _quantize}[args.command](args)
+        commands = {"generate": _generate, "quantize": _quantize, "bench": _bench}
+        return commands[args.command](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

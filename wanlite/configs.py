@@ -283,17 +283,28 @@ class Options:
     dtype: compute dtype of the DiT and the text encoder; "auto" = fp32 on CPU (bf16 matmuls
         are several times slower than fp32 on CPUs without bf16 units), bf16 on CUDA (fp16 on
         GPUs without bf16).  The VAE always computes in fp32.
-    attention: attention backend name (see ``wanlite.attention``).
+    attention: attention backend name, or "auto" (see ``wanlite.attention``).
+    quant / offload / max_memory / vae_tiling / embed_cache: memory (see README "Low memory").
+    cfg_batch: run the conditional and unconditional passes as one batch of 2 ("on"), as two
+        forwards ("off"), or batched when the planner's estimate fits the budget ("auto").
+    cfg_skip_last: fraction of the last steps that skip the unconditional pass (0 = never).
+    cache / cache_threshold: step caching (see ``wanlite.stepcache``); "off" is exact.
+    compile: torch.compile the repeated DiT block (first call pays the compile time).
     """
 
     device: str = "auto"
     dtype: str = "auto"
-    attention: str = "sdpa"
+    attention: str = "auto"
     quant: str = "none"  # "none" | "int8" | "fp8": DiT and umT5 block linears (see quant.py)
     offload: str = "auto"  # "none" | "model" | "blocks" | "auto" (from max_memory)
     max_memory: str | int | None = None  # budget for "auto", e.g. "6GB"; None = what is free
     vae_tiling: str = "auto"  # "auto" | "on" | "off"
     embed_cache: bool = True  # cache prompt embeddings on disk (keyed by model and prompt)
+    cfg_batch: str = "auto"  # "auto" | "on" | "off"
+    cfg_skip_last: float = 0.0  # in [0, 1)
+    cache: str = "off"  # "off" | "teacache" | "firstblock"
+    cache_threshold: float | None = None  # None = the mode's default
+    compile: bool = False
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -303,11 +314,19 @@ class Options:
             ("quant", ("none", "int8", "fp8")),
             ("offload", ("none", "model", "blocks", "auto")),
             ("vae_tiling", ("auto", "on", "off")),
+            ("cfg_batch", ("auto", "on", "off")),
+            ("cache", ("off", "teacache", "firstblock")),
+            ("compile", (False, True)),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.max_memory is not None:
             parse_bytes(self.max_memory)
+        if not isinstance(self.cfg_skip_last, int | float) or not 0 <= self.cfg_skip_last < 1:
+            raise ValueError(f"cfg_skip_last must be in [0, 1), got {self.cfg_skip_last!r}")
+        t = self.cache_threshold
+        if t is not None and (not isinstance(t, int | float) or isinstance(t, bool) or t < 0):
+            raise ValueError(f"cache_threshold must be a number >= 0, got {t!r}")
 
     def resolve_device(self):
         import torch

@@ -37,15 +37,18 @@ and filled with ``load_state_dict(..., assign=True)``.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import AttnFn, chunked, resolve
+from .attention import AttnFn, chunked, resolve, resolve_name
 from .configs import DiTConfig
+from .quant import fuse_linears, fused_linear
 
 
 def keep_in_fp32(name: str) -> bool:
@@ -199,11 +202,49 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+# --- text conditioning, prepared once per generation --------------------------------------------
+
+
+@dataclass
+class TextState:
+    """The text side of a generation, computed once and reused at every step and by every block.
+
+    ``ctx`` [B, Lk, D] is the text-embedded context.  When the prompts' real lengths are known,
+    the zero padding after each prompt (the encoder output is zero-padded to 512 tokens, as in
+    diffusers) is *merged*: all m padding tokens embed to the same vector, so their keys and values
+    are identical and attending to them equals attending to one copy whose logit is raised by
+    log(m).  ``bias`` [B, 1, 1, Lk] (fp32) holds that log(m), and -inf on filler rows when the
+    batch's prompts differ in length.  Exact (up to float rounding), and cross-attention then
+    costs n + 1 keys instead of 512.  ``kv`` caches each block's cross-attention K/V: the context
+    does not change across steps."""
+
+    ctx: Tensor
+    bias: Tensor | None = None
+    kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+def merge_padding(context: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor | None]:
+    """([B, Lk, C] rows: real tokens then one zero row for the padding; [B, 1, 1, Lk] bias)."""
+    total = context.shape[1]
+    keys = [n + (n < total) for n in lengths]
+    rows = context.new_zeros(context.shape[0], max(keys), context.shape[2])
+    bias = torch.full((context.shape[0], 1, 1, max(keys)), -math.inf, device=context.device)
+    for b, n in enumerate(lengths):
+        rows[b, :n] = context[b, :n]  # row n stays zero: the one copy of the padding token
+        bias[b, ..., :n] = 0.0
+        if n < total:
+            bias[b, ..., n] = math.log(total - n)
+    return rows, bias if any(n < total for n in lengths) or len(set(keys)) > 1 else None
+
+
 # --- modules ---------------------------------------------------------------------------------
 
 
 class Attention(nn.Module):
-    """Multi-head attention with RMS q/k norms across heads; self- or cross- (ctx given)."""
+    """Multi-head attention with RMS q/k norms across heads; self- or cross- (ctx given).
+
+    The q/k/v projections (k/v for cross-attention) run as one GEMM when ``fuse_projections``
+    has put their weights side by side in one buffer (``quant.fused_linear``)."""
 
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
@@ -212,14 +253,29 @@ class Attention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
 
-    def forward(self, x: Tensor, ctx: Tensor | None, attn: AttnFn, rope=None) -> Tensor:
-        src = x if ctx is None else ctx
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1))  # [B, L, heads, d]
-        k = self.norm_k(self.k(src)).unflatten(-1, (self.heads, -1))
-        v = self.v(src).unflatten(-1, (self.heads, -1))
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, heads, L, d]
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.heads, -1))  # [B, L, D] -> [B, L, heads, d]
+
+    def self_attention(self, x: Tensor, rope, attn: AttnFn) -> Tensor:
+        q, k, v = fused_linear(x, (self.q, self.k, self.v))
+        q = apply_rope(self._heads(self.norm_q(q)), *rope)
+        k = apply_rope(self._heads(self.norm_k(k)), *rope)
+        out = attn(q.transpose(1, 2), k.transpose(1, 2), self._heads(v).transpose(1, 2))
+        return self.o(out.transpose(1, 2).flatten(2))
+
+    def context_kv(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values [B, heads, Lk, d] of a text context."""
+        k, v = fused_linear(ctx, (self.k, self.v))
+        return self._heads(self.norm_k(k)).transpose(1, 2), self._heads(v).transpose(1, 2)
+
+    def cross_attention(self, x: Tensor, kv, bias: Tensor | None, attn: AttnFn) -> Tensor:
+        q = self._heads(self.norm_q(self.q(x))).transpose(1, 2)
+        k, v = kv
+        if bias is None:
+            out = attn(q, k, v)
+        else:  # the log-count bias needs a float mask: SDPA, in fp32 (Lk is small)
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), bias)
+            out = out.to(q.dtype)
         return self.o(out.transpose(1, 2).flatten(2))
 
 
@@ -251,13 +307,24 @@ class Block(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         self.chunk = FFN_CHUNK
+        self.body = self._body  # replaced by a compiled version by ``compile_blocks``
 
-    def forward(self, x: Tensor, e0: Tensor, ctx: Tensor, rope, attn: AttnFn) -> Tensor:
-        """x [B, L, D] (stream dtype, updated in place if fp32), e0 [B, 6, D] fp32."""
+    def forward(self, x: Tensor, e0: Tensor, text: TextState, index: int, rope, attn: AttnFn):
+        """x [B, L, D] (stream dtype, updated in place if fp32), e0 [B or 1, 6, D] fp32.
+
+        The cross-attention K/V come from ``text.kv`` (computed here on first use: with block
+        offload this is where the block's weights are resident)."""
+        kv = text.kv.get(index)
+        if kv is None:
+            kv = text.kv[index] = self.cross_attn.context_kv(text.ctx)
+        return self.body(x, e0, kv, text.bias, rope, attn)
+
+    def _body(self, x: Tensor, e0: Tensor, kv, bias, rope, attn: AttnFn) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, 1)
-        y = self.self_attn(_modulate(self.norm1, x, shift1, scale1), None, attn, rope)
+        y = self.self_attn.self_attention(_modulate(self.norm1, x, shift1, scale1), rope, attn)
         x = _gated_add(x, y, gate1)
-        x = x.add_(self.cross_attn(_norm32(self.norm3, x).to(x.dtype), ctx, attn))
+        y = self.cross_attn.cross_attention(_norm32(self.norm3, x).to(x.dtype), kv, bias, attn)
+        x = x.add_(y)
         y = _chunked_ffn(self.ffn, _modulate(self.norm2, x, shift2, scale2), self.chunk)
         return _gated_add(x, y, gate2)
 
@@ -279,7 +346,9 @@ class WanDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         # SDPA's kernels keep attention memory linear in L; the reference backend gets chunked.
-        self.attn = chunked(resolve(attn), 1024) if attn == "math" else resolve(attn)
+        self.attn_name = resolve_name(attn)
+        fn = resolve(self.attn_name)
+        self.attn = chunked(fn, 1024) if self.attn_name == "math" else fn
         dim, p = cfg.dim, cfg.patch_size
         self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=p, stride=p)
         self.text_embedding = nn.Sequential(
@@ -319,18 +388,61 @@ class WanDiT(nn.Module):
         e = _mlp32(self.time_embedding, sinusoidal_embedding(t, self.cfg.freq_dim))
         return e, _mlp32(self.time_projection, e).unflatten(1, (6, -1))
 
+    def prepare_text(self, context: Tensor, lengths: list[int] | None = None) -> TextState:
+        """Text-embed a context [B, Lc, text_dim]; with ``lengths`` (real tokens per row, the
+        rest zeros) the padding is merged into one key (see ``TextState``)."""
+        dtype = self.patch_embedding.weight.dtype
+        bias = None
+        if lengths is not None:
+            context, bias = merge_padding(context, lengths)
+        return TextState(self.text_embedding(context.to(dtype)), bias)
+
+    def run_blocks(self, x, e0, text: TextState, rope, start: int = 0, stop: int | None = None):
+        """Blocks ``start`` to ``stop`` (exclusive; None = all) on the token stream x [B, L, D]."""
+        for i in range(start, len(self.blocks) if stop is None else stop):
+            x = self.blocks[i](x, e0, text, i, rope, self.attn)
+        return x
+
+    @torch.no_grad()
+    def step(self, x: Tensor, temb: tuple[Tensor, Tensor], text: TextState, cache=None):
+        """One denoising forward with precomputed time embeddings (``time_embeddings``) and
+        text (``prepare_text``).  ``cache`` (a ``stepcache`` policy) may replace the blocks by
+        the residual it kept from an earlier step."""
+        grid = self.grid(x.shape)
+        e, e0 = temb
+        rope = self.rope(grid, x.device)
+        h = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
+        h = h.flatten(2).transpose(1, 2).contiguous()
+        if cache is None:
+            h = self.run_blocks(h, e0, text, rope)
+        else:
+            h = cache(self, h, temb, text, rope)
+        return unpatchify(self.head(h, e), grid, self.cfg.patch_size)
+
     @torch.no_grad()
     def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         """x [B, C, F, H, W] latents, t [B] timesteps (0..1000), context [B, Lc, text_dim]."""
-        grid = self.grid(x.shape)
-        dtype = self.patch_embedding.weight.dtype
-        e, e0 = self.time_embeddings(t.to(x.device), x.shape[0])
-        ctx = self.text_embedding(context.to(dtype))
-        rope = self.rope(grid, x.device)
-        x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()
-        for block in self.blocks:
-            x = block(x, e0, ctx, rope, self.attn)
-        return unpatchify(self.head(x, e), grid, self.cfg.patch_size)
+        temb = self.time_embeddings(t.to(x.device), x.shape[0])
+        return self.step(x, temb, self.prepare_text(context))
+
+
+def fuse_projections(model: WanDiT) -> None:
+    """Put each block's q/k/v (self-attention) and k/v (cross-attention) weights side by side in
+    one buffer, so each runs as one GEMM.  Parameter names and values are unchanged."""
+    for block in model.blocks:
+        fuse_linears((block.self_attn.q, block.self_attn.k, block.self_attn.v))
+        fuse_linears((block.cross_attn.k, block.cross_attn.v))
+
+
+def compile_blocks(model: WanDiT, **kwargs) -> None:
+    """torch.compile the body of the repeated block, once for all 30 (the blocks are passed in
+    as inputs, so they share one compiled graph per input shape).  Static shapes: a generation
+    has few (the token count is fixed; the text length differs per CFG branch), and dynamic
+    shapes mis-compiled the FFN chunking here (torch 2.13, CPU)."""
+    kwargs.setdefault("dynamic", False)
+    body = torch.compile(Block._body, **kwargs)
+    for block in model.blocks:
+        block.body = functools.partial(body, block)
 
 
 def unpatchify(x: Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> Tensor:

@@ -33,6 +33,7 @@ from torch import nn
 from . import dit as dit_mod
 from . import t5 as t5_mod
 from . import vae as vae_mod
+from .attention import resolve_name
 from .loading import check_keys, weight_files
 from .memory import trim
 from .offload import BlockStreamer, RowEmbedding, cast, materialize
@@ -76,8 +77,10 @@ class Component:
         keep: Callable[[str], bool] = lambda n: False,
         fp32: Callable[[str], bool] = lambda n: False,
         aliases: dict[str, str] | None = None,
+        prepare: Callable[[nn.Module, bool], None] | None = None,
     ):
         self.name, self.build, self.device, self.dtype = name, build, device, dtype
+        self.prepare = prepare  # prepare(module, blocks_streamed) after each materialization
         self.keep, self.fp32 = keep, fp32
         self.store = TensorStore(weight_files(folder))
         self.stored_quant = self.store.metadata.get(QUANT_META, "none")
@@ -153,14 +156,23 @@ class Component:
             setattr(module, row_embedding, rows)
             names = {n: n for n in names if not n.startswith(row_embedding + ".")}
         _materialize_rest(module, names, self.read, self.device, self.dtype, self.fp32)
+        if self.prepare is not None:
+            self.prepare(module, stream_blocks)
+            if self._compact is not None and in_ram:  # keep one copy of re-laid-out weights
+                for n, p in module.named_parameters():
+                    if n in self._compact and not p.is_meta:
+                        self._compact[n] = p.data
+            trim()
         self.module = module.eval().requires_grad_(False)
         return self.module
 
     def release(self) -> None:
+        """Drop the module -- and weights quantized in RAM: offload is asked for to save memory,
+        so they are quantized again on the next acquire (``wanlite quantize`` avoids that)."""
         if self.streamer is not None:
             self.streamer.close()
             self.streamer = None
-        self.module = None
+        self.module = self._compact = None
         trim()
 
 
@@ -178,6 +190,7 @@ def _materialize_rest(module, names, source, device, dtype, fp32) -> None:
 
 def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
     quant = options.quant
+    attention = resolve_name(options.attention)  # "auto" is decided (and logged) once, here
     return {
         "text_encoder": Component(
             "text_encoder",
@@ -192,13 +205,14 @@ def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
         "transformer": Component(
             "transformer",
             path / "transformer",
-            lambda: dit_mod.WanDiT(cfg.dit, attn=options.attention),
+            lambda: dit_mod.WanDiT(cfg.dit, attn=attention),
             dit_mod.from_diffusers_key,
             device=device,
             dtype=dtype,
             quant=quant,
             keep=dit_quant_keep,
             fp32=dit_mod.keep_in_fp32,
+            prepare=lambda m, streamed: _prepare_dit(m, streamed, options),
         ),
         "vae": Component(
             "vae",
@@ -209,6 +223,15 @@ def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
             dtype=torch.float32,  # the VAE always runs in fp32
         ),
     }
+
+
+def _prepare_dit(module: dit_mod.WanDiT, streamed: bool, options) -> None:
+    """Fused q/k/v projections when the blocks are resident (streamed blocks are read as
+    stored); torch.compile of the repeated block when asked for."""
+    if not streamed:
+        dit_mod.fuse_projections(module)
+    if options.compile:
+        dit_mod.compile_blocks(module)
 
 
 __all__ = ["Component", "components", "materialize"]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import planner
+from . import planner, stepcache
 from .configs import DiTConfig, ModelConfig, Options, SchedulerConfig, T5Config, VAEConfig
 from .embed_cache import EmbeddingCache
 from .lifecycle import components
@@ -123,7 +123,8 @@ class Pipeline:
         self.load_seconds = time.perf_counter() - t0
         self.load_peak = meter.peaks["load"]
         self.offload = self.options.offload  # the mode used by the last call
-        self.vae_tiled = False
+        self.vae_tiled = self.cfg_batched = False
+        self.stats: dict = {}
 
     def _acquire(self, name: str, offload: str) -> torch.nn.Module:
         # The umT5 is streamed whenever offload is on (it runs once per new prompt, so reading
@@ -151,7 +152,12 @@ class Pipeline:
     # -- phases ---------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_prompts(self, texts: list[str]) -> torch.Tensor:
-        """[B, 512, text_dim] embeddings: real tokens encoded, the rest exact zeros.
+        """[B, 512, text_dim] embeddings: real tokens encoded, the rest exact zeros."""
+        return self.encode_texts(texts)[0]
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """(embeddings [B, 512, text_dim] zero-padded after each text's tokens, token counts).
 
         Repeated prompts (and the default negative prompt) come from the embedding cache."""
         cleaned = [clean_prompt(t) for t in texts]
@@ -165,7 +171,7 @@ class Pipeline:
         for i, t in enumerate(cleaned):
             e = found[t]
             out[i, : e.shape[0]] = e
-        return out.to(self.device)
+        return out.to(self.device), [found[t].shape[0] for t in cleaned]
 
     def _encode(self, texts: list[str]) -> list[torch.Tensor]:
         """Run the text encoder: one [n_i, d_model] tensor per (cleaned) text.
@@ -189,28 +195,42 @@ class Pipeline:
     def denoise(
         self,
         latents: torch.Tensor,
-        contexts: list[torch.Tensor],
+        contexts: torch.Tensor,
+        lengths: list[int],
         num_steps: int,
         guidance_scale: float,
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """The denoising loop as a generator: yields (step index, fp32 latents) after each step.
 
-        ``contexts`` is [cond] or [cond, uncond], each [1, 512, text_dim] in the DiT dtype."""
+        ``contexts`` is [1 or 2, 512, text_dim] (cond[, uncond]) in the DiT dtype, zero-padded
+        after ``lengths`` tokens.  Runs the CFG branches as planned (``self.cfg_batched``),
+        gates the unconditional pass (``cfg_skip_last``) and applies the step cache; counts go
+        to ``self.stats``."""
+        o = self.options
         timesteps, sigmas = timesteps_and_sigmas(self.cfg.scheduler, num_steps)
         state = unipc_init(self.cfg.scheduler, sigmas)
         latents = latents.to(self.device)
         dit = self.dit
+        branches = Branches(dit, contexts, lengths, o.cache, o.cache_threshold)
+        cfg = len(lengths) == 2
+        cfg_steps = num_steps - int(o.cfg_skip_last * num_steps) if cfg else 0
+        self.stats = {"cfg_batched": cfg and self.cfg_batched, "cfg_steps": cfg_steps}
         for i, t in enumerate(timesteps):
             x = latents.to(self.dtype)
-            tt = t.to(self.device, torch.float32).expand(x.shape[0])
-            preds = [dit(x, tt, ctx) for ctx in contexts]
-            if len(preds) == 2:
-                cond, uncond = preds
+            temb = dit.time_embeddings(t.to(self.device, torch.float32), 1)  # once per step
+            last = i == num_steps - 1
+            if i >= cfg_steps:
+                pred = branches.run("cond", x, temb, last)
+            elif self.cfg_batched:
+                cond, uncond = branches.run("both", x.expand(2, -1, -1, -1, -1), temb, last)
                 pred = uncond + guidance_scale * (cond - uncond)
             else:
-                pred = preds[0]
+                cond = branches.run("cond", x, temb, last)
+                uncond = branches.run("uncond", x, temb, last)
+                pred = uncond + guidance_scale * (cond - uncond)
             latents, state = unipc_step(state, pred.float(), latents)
             yield i, latents
+        self.stats |= branches.counts()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -272,14 +292,17 @@ class Pipeline:
             seed,
         )
         plan = Plan.for_request(p, self.cfg)
-        self.offload, self.vae_tiled, est = planner.choose(
+        choice = planner.choose(
             self.cfg, plan.latent_shape, self.options, self.device, self.dtype.itemsize
         )
+        self.offload, self.vae_tiled = choice.offload, choice.tiled
+        self.cfg_batched = choice.cfg_batched
         log.info(
-            "offload=%s, tiled VAE=%s, estimated peak %.2f GiB",
+            "offload=%s, tiled VAE=%s, CFG batched=%s, estimated peak %.2f GiB",
             self.offload,
             self.vae_tiled,
-            est.peak / 2**30,
+            self.cfg_batched,
+            choice.estimate.peak / 2**30,
         )
         meter, timings = PeakMeter(self.device), {}
 
@@ -287,15 +310,17 @@ class Pipeline:
         with meter.phase("encode"):
             cfg_on = p.guidance_scale > 1.0
             texts = [p.prompt, p.negative_prompt] if cfg_on else [p.prompt]
-            emb = self.encode_prompts(texts).to(self.dtype)
-            contexts = [emb[i : i + 1] for i in range(len(texts))]
+            contexts, lengths = self.encode_texts(texts)
+            contexts = contexts.to(self.dtype)
             self._release("text_encoder", self.offload)
         timings["encode"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         with meter.phase("denoise"):
             latents = initial_noise(plan.latent_shape, seed)
-            steps = self.denoise(latents, contexts, p.num_inference_steps, p.guidance_scale)
+            steps = self.denoise(
+                latents, contexts, lengths, p.num_inference_steps, p.guidance_scale
+            )
             bar = tqdm(total=p.num_inference_steps, desc="denoise", disable=not progress)
             with bar:
                 for i, latents in steps:
@@ -318,6 +343,7 @@ class Pipeline:
                 self._release("vae", self.offload)
             timings["decode"] = time.perf_counter() - t0
         video.timings = timings
+        video.stats = dict(self.stats)
         video.peak_memory = dict(meter.peaks)
         return video
 
@@ -332,6 +358,41 @@ class Pipeline:
             yield np.ascontiguousarray(frames)
             if n >= p.num_frames:
                 return
+
+
+class Branches:
+    """The CFG branches of one generation: prepared text and a step-cache policy per branch.
+
+    "cond" and "uncond" run one prompt each; "both" runs them as one batch of 2.  Each is made
+    on first use (so sequential CFG never builds the batched text, and the other way round)."""
+
+    def __init__(self, dit, contexts: torch.Tensor, lengths: list[int], cache: str, threshold):
+        self.dit, self.contexts, self.lengths = dit, contexts, lengths
+        self.cache, self.threshold = cache, threshold
+        self.state: dict[str, tuple] = {}
+        self.forwards = self.skipped = 0
+
+    def _make(self, name: str) -> tuple:
+        rows = {"cond": slice(0, 1), "uncond": slice(1, 2), "both": slice(0, 2)}[name]
+        text = self.dit.prepare_text(self.contexts[rows], self.lengths[rows])
+        return text, stepcache.make(self.cache, self.threshold)
+
+    def run(self, name: str, x: torch.Tensor, temb, last: bool) -> torch.Tensor:
+        if name not in self.state:
+            self.state[name] = self._make(name)
+        text, cache = self.state[name]
+        width = 2 if name == "both" else 1  # branch forwards per call
+        self.forwards += width
+        if cache is None:
+            return self.dit.step(x, temb, text)
+        cache.last, skipped = last, cache.skipped
+        out = self.dit.step(x, temb, text, cache)
+        self.skipped += width * (cache.skipped - skipped)
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """DiT forwards by branch (a batched pair counts 2), and how many the cache skipped."""
+        return {"dit_forwards": self.forwards, "dit_forwards_skipped": self.skipped}
 
 
 def load(model: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", **options) -> Pipeline:

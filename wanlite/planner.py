@@ -64,6 +64,14 @@ def t5_params(cfg: ModelConfig) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class Choice:
+    offload: str
+    tiled: bool
+    cfg_batched: bool
+    estimate: Estimate
+
+
+@dataclass(frozen=True)
 class Estimate:
     encode: int
     denoise: int
@@ -86,7 +94,10 @@ def estimate(
     offload: str,
     tiled: bool,
     prompt_tokens: int = 512,
+    cfg_batch: int = 1,
 ) -> Estimate:
+    """Peak bytes per phase; ``cfg_batch=2`` when both CFG passes run as one batch (the DiT
+    activations double)."""
     qb = 1 if quant in ("int8", "fp8") else compute_bytes
     blocks_lin, dit_other = dit_params(cfg)
     per_block = blocks_lin // cfg.dit.num_layers
@@ -106,6 +117,7 @@ def estimate(
     d = cfg.dit.dim
     dit_act = 8 * tokens * d * 4 + 2 * min(tokens, FFN_CHUNK) * cfg.dit.ffn_dim * compute_bytes
     dit_act += 3 * c * lf * lh * lw * 4 + 2 * 512 * cfg.dit.text_dim * compute_bytes
+    dit_act *= cfg_batch
     s = cfg.vae.spatial_stride
     region = (min(lh, VAE_TILE) * min(lw, VAE_TILE) if tiled else lh * lw) * s * s
     vae_w = vae_params(cfg) * 4
@@ -144,8 +156,10 @@ def choose(
     options: Options,
     device: torch.device,
     compute_bytes: int,
-) -> tuple[str, bool, Estimate]:
-    """(offload mode, tiled decode, estimate) for one request under the options' budget."""
+) -> Choice:
+    """Offload mode, tiled decode and CFG batching for one request under the options' budget:
+    the first (least offloaded, untiled) setting that fits; CFG is batched only if it still
+    fits with the doubled activations ("auto"), or as forced."""
     budget = (
         parse_bytes(options.max_memory)
         if options.max_memory is not None
@@ -154,13 +168,19 @@ def choose(
     modes = ("none", "model", "blocks") if options.offload == "auto" else (options.offload,)
     tilings = {"on": (True,), "off": (False,), "auto": (False, True)}[options.vae_tiling]
     kw = dict(compute_bytes=compute_bytes, quant=options.quant)
+
+    def est2(mode: str, tiled: bool) -> Estimate:
+        return estimate(cfg, latent_shape, offload=mode, tiled=tiled, cfg_batch=2, **kw)
+
     for mode in modes:
         for tiled in tilings:
             est = estimate(cfg, latent_shape, offload=mode, tiled=tiled, **kw)
             if est.peak <= budget:
-                return mode, tiled, est
+                batched = _batched(options, budget, est2(mode, tiled))
+                return Choice(mode, tiled, batched, est2(mode, tiled) if batched else est)
     mode, tiled = modes[-1], tilings[-1]
     est = estimate(cfg, latent_shape, offload=mode, tiled=tiled, **kw)
+    batched = options.cfg_batch == "on"
     log.warning(
         "estimated peak %.1f GiB exceeds the memory budget %.1f GiB; using offload=%s, tiling=%s",
         est.peak / 2**30,
@@ -168,4 +188,10 @@ def choose(
         mode,
         tiled,
     )
-    return mode, tiled, est
+    return Choice(mode, tiled, batched, est)
+
+
+def _batched(options: Options, budget: int, batched_estimate: Estimate) -> bool:
+    if options.cfg_batch != "auto":
+        return options.cfg_batch == "on"
+    return batched_estimate.peak <= budget

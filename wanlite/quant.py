@@ -109,3 +109,63 @@ def quantize(
 
 def quantized_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, QLinear)]
+
+
+# --- fused projections ------------------------------------------------------------------------
+# Layers that read the same input (q/k/v) run as one GEMM when their weights are consecutive rows
+# of one buffer.  ``fuse_linears`` moves them there once, at load time; the layers keep their
+# own parameters (views into the buffer), so names, state dicts and block streaming are
+# unaffected.  Layers that were not fused (e.g. streamed blocks) simply run one by one.
+
+_FUSED_ATTRS = ("weight", "weight_scale", "bias")
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The [sum of rows, ...] tensor over ``tensors`` if they are consecutive rows of one
+    buffer, else None (no copy)."""
+    first = tensors[0]
+    if first.is_meta or any(not t.is_contiguous() for t in tensors):
+        return None
+    storage, offset = first.untyped_storage(), first.storage_offset()
+    for t in tensors:
+        if t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() != offset:
+            return None
+        offset += t.numel()
+    shape = (sum(t.shape[0] for t in tensors), *first.shape[1:])
+    return first.new_empty(0).set_(storage, first.storage_offset(), shape)
+
+
+def _params(layers, attr: str) -> list[torch.Tensor] | None:
+    ts = [getattr(m, attr, None) for m in layers]
+    return None if any(t is None for t in ts) else ts
+
+
+def fuse_linears(layers) -> None:
+    """Copy the weights (and scales, biases) of same-kind linear layers into one buffer each."""
+    if len({(type(m), getattr(m, "mode", None), m.in_features) for m in layers}) != 1:
+        raise ValueError("only linear layers of one kind and input width can be fused")
+    for attr in _FUSED_ATTRS:
+        ts = _params(layers, attr)
+        if ts is None or _joined(ts) is not None:
+            continue
+        buffer, row = torch.cat([t.detach() for t in ts]), 0
+        for m, t in zip(layers, ts):
+            setattr(m, attr, nn.Parameter(buffer[row : row + t.shape[0]], requires_grad=False))
+            row += t.shape[0]
+
+
+def fused_linear(x: torch.Tensor, layers) -> list[torch.Tensor]:
+    """``[m(x) for m in layers]``, as one GEMM when the layers were fused."""
+    joined = {attr: _joined(ts) for attr in _FUSED_ATTRS if (ts := _params(layers, attr))}
+    if joined.get("weight") is None or any(v is None for v in joined.values()):
+        return [m(x) for m in layers]
+    w, s, b = (joined.get(a) for a in _FUSED_ATTRS)
+    if isinstance(layers[0], QLinear):
+        y = F.linear(x, w.to(x.dtype))
+        if s is not None:
+            y = y * s.to(x.dtype)
+        if b is not None:
+            y = y + b.to(x.dtype)
+    else:
+        y = F.linear(x, w, b)
+    return list(y.split([m.out_features for m in layers], dim=-1))

@@ -73,6 +73,7 @@ class Video:
     params: dict | None = None
     latents: Any = None  # final fp32 latents [1, 16, F', h, w] (a torch.Tensor)
     path: Path | None = None  # set when the frames were streamed to a file
+    stats: dict[str, Any] = field(default_factory=dict)  # DiT forwards run / skipped, CFG mode
 
     @property
     def num_frames(self) -> int:

@@ -1,0 +1,43 @@
+"""`wanlite bench`: mode parsing, and one real run on the tiny checkpoint."""
+
+import json
+
+import pytest
+
+from wanlite.bench import parse_modes
+from wanlite.cli import main
+
+
+def test_parse_modes():
+    modes = parse_modes("exact, compile,teacache:0.08,firstblock:0.1,cfg-skip:0.25")
+    assert modes == {
+        "exact": {},
+        "compile": {"compile": True},
+        "teacache:0.08": {"cache": "teacache", "cache_threshold": 0.08},
+        "firstblock:0.1": {"cache": "firstblock", "cache_threshold": 0.1},
+        "cfg-skip:0.25": {"cfg_skip_last": 0.25},
+    }
+    for bad in ("", "fast", "teacache", "teacache:x", "exact:1"):
+        with pytest.raises(ValueError, match="mode"):
+            parse_modes(bad)
+
+
+def test_bench_command_writes_table_json_and_chart(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "b"
+    argv = ["bench", "--model", str(tiny_checkpoint), "--modes", "exact,firstblock:1e6"]
+    argv += ["--height", "32", "--width", "32", "--num-frames", "5", "--steps", "4"]
+    assert main([*argv, "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "firstblock:1e6" in printed and "s/step" in printed
+    result = json.loads(printed.strip().splitlines()[-1])
+    exact, cached = result["results"]["exact"], result["results"]["firstblock:1e6"]
+    assert exact["fidelity_vs_exact"]["psnr_db"] == float("inf")
+    assert cached["stats"]["dit_forwards_skipped"] == 4  # steps 2 and 3 of 4, both branches
+    assert cached["fidelity_vs_exact"]["latents_max_abs_diff"] > 0
+    assert json.loads((out / "bench.json").read_text())["params"]["num_frames"] == 5
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_bad_mode_is_a_clear_error(capsys):
+    assert main(["bench", "--model", "random:tiny", "--modes", "warp"]) == 2
+    assert "unknown bench mode 'warp'" in capsys.readouterr().err

@@ -1,0 +1,251 @@
+"""``wanlite bench``: time and memory of wanlite's speed modes on your checkpoint and device.
+
+Each mode runs in its own process (so its peak memory is its own: CUDA max_memory_allocated,
+or peak RSS per phase on CPU), with the same request and seed.  Output: a table (per-phase
+seconds, s/step, peak memory, speed-up vs the exact mode, DiT forwards skipped, fidelity vs the
+exact mode: PSNR of the frames and max abs diff of the latents), a JSON file, and a PNG chart.
+
+Modes are named ``exact``, ``compile``, ``teacache:<threshold>``, ``firstblock:<threshold>``,
+``cfg-skip:<fraction>``, joined by commas; ``benchmarks/bench_speed.py`` runs the same harness
+next to diffusers' WanPipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODES = (
+    "exact,compile,teacache:0.05,teacache:0.08,teacache:0.15,firstblock:0.05,cfg-skip:0.25"
+)
+
+
+def parse_modes(spec: str) -> dict[str, dict]:
+    """``"exact,teacache:0.08"`` -> {name: wanlite Options overrides}."""
+    modes = {}
+    for name in (s.strip() for s in spec.split(",") if s.strip()):
+        kind, _, value = name.partition(":")
+        try:
+            if kind == "exact" and not value:
+                modes[name] = {}
+            elif kind == "compile" and not value:
+                modes[name] = {"compile": True}
+            elif kind in ("teacache", "firstblock"):
+                modes[name] = {"cache": kind, "cache_threshold": float(value)}
+            elif kind == "cfg-skip":
+                modes[name] = {"cfg_skip_last": float(value)}
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"unknown bench mode {name!r}: use exact, compile, teacache:<t>, "
+                "firstblock:<t> or cfg-skip:<fraction>"
+            ) from None
+    if not modes:
+        raise ValueError("no bench modes given")
+    return modes
+
+
+def run_generation(model: str, params: dict, options: dict) -> dict:
+    """Load and generate once in this process; measurements plus the output arrays."""
+    import wanlite
+
+    t0 = time.perf_counter()
+    pipe = wanlite.load(model, **options)
+    load_s = time.perf_counter() - t0
+    warmup_s = None
+    if options.get("compile"):  # compile once for these shapes (1 step), as a long-lived app would
+        t0 = time.perf_counter()
+        pipe.generate(**(params | {"num_inference_steps": 1}), progress=False)
+        warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    video = pipe.generate(**params, progress=False)
+    generate_s = time.perf_counter() - t0
+    return {
+        "load_s": load_s,
+        "compile_warmup_s": warmup_s,
+        "generate_s": generate_s,
+        "phase_seconds": video.timings,
+        "s_per_step": video.timings["denoise"] / params["num_inference_steps"],
+        "phase_peaks": video.peak_memory,
+        "peak": max(pipe.load_peak, *video.peak_memory.values()),
+        "device": str(pipe.device),
+        "stats": video.stats,
+        "arrays": {"latents": video.latents.float().cpu().numpy(), "frames": video.frames},
+    }
+
+
+def save(result: dict, npz: Path) -> None:
+    """Worker side: arrays to ``npz``, the rest as the last line of stdout."""
+    np.savez(npz, **result.pop("arrays"))
+    print(json.dumps(result))
+
+
+def run_worker(args: list[str], timeout: float = 24 * 3600) -> dict:
+    """Run ``python -m wanlite.bench --worker ...`` (or another module's worker) in a new
+    process; return the JSON it prints last."""
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=os.environ
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"bench worker {args} failed:\n{r.stderr[-4000:]}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["process_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def compare(ref_npz: Path, npz: Path) -> dict:
+    a, b = np.load(ref_npz), np.load(npz)
+    return {
+        "latents_max_abs_diff": float(np.abs(a["latents"] - b["latents"]).max()),
+        "frames_max_diff": int(np.abs(a["frames"].astype(int) - b["frames"].astype(int)).max()),
+        "psnr_db": psnr(a["frames"], b["frames"]),
+    }
+
+
+def run_modes(
+    model: str, params: dict, modes: dict[str, dict], workdir: Path, base: dict | None = None
+) -> dict[str, dict]:
+    """Every mode in its own process (``base`` options shared); fidelity vs the first mode."""
+    results = {}
+    for name, opts in modes.items():
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        spec = json.dumps({"model": model, "params": params, "options": (base or {}) | opts})
+        npz = workdir / f"{_safe(name)}.npz"
+        results[name] = run_worker(["-m", "wanlite.bench", "--worker", spec, str(npz)])
+        results[name]["npz"] = str(npz)
+    first = next(iter(results))
+    for r in results.values():
+        r["fidelity_vs_exact"] = compare(Path(results[first]["npz"]), Path(r["npz"]))
+        r["speedup_vs_exact"] = results[first]["phase_seconds"]["denoise"] / max(
+            r["phase_seconds"]["denoise"], 1e-9
+        )
+    return results
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def table(results: dict[str, dict], ref: str | None = None) -> str:
+    """One row per engine/mode; ratios to ``ref`` (e.g. diffusers) when given."""
+    head = (
+        f"{'mode':<20}{'encode s':>9}{'denoise s':>10}{'decode s':>9}{'s/step':>8}"
+        f"{'total s':>9}{'peak GiB':>9}{'x exact':>8}{'skipped':>8}{'PSNR dB':>8}{'lat diff':>9}"
+    )
+    if ref is not None:
+        head += f"{'time x ref':>11}"
+    lines = [head]
+    for name, r in results.items():
+        ph, fid, st = r["phase_seconds"], r.get("fidelity_vs_exact", {}), r.get("stats", {})
+        skipped = (
+            f"{st['dit_forwards_skipped'] / max(st['dit_forwards'], 1):.0%}"
+            if "dit_forwards" in st
+            else "-"
+        )
+        speed = r.get("speedup_vs_exact")
+        db, lat = fid.get("psnr_db", float("nan")), fid.get("latents_max_abs_diff", float("nan"))
+        row = (
+            f"{name:<20}{ph['encode']:>9.1f}{ph['denoise']:>10.1f}{ph['decode']:>9.1f}"
+            f"{r['s_per_step']:>8.2f}{r['generate_s']:>9.1f}{r['peak'] / 2**30:>9.2f}"
+            f"{'-' if speed is None else f'{speed:.2f}':>8}{skipped:>8}"
+            f"{db:>8.1f}{lat:>9.1e}"
+        )
+        if ref is not None:
+            row += f"{r['generate_s'] / results[ref]['generate_s']:>11.3f}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, dict], path: Path, title: str) -> Path:
+    """Stacked bars of seconds per phase for each mode, labelled with the PSNR vs exact."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError(
+            "the bench chart needs matplotlib: pip install 'wanlite[bench]'"
+        ) from None
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4.5))
+    bottom = np.zeros(len(names))
+    for phase in ("encode", "denoise", "decode"):
+        vals = np.array([results[n]["phase_seconds"][phase] for n in names])
+        ax.bar(names, vals, bottom=bottom, label=phase)
+        bottom += vals
+    for i, n in enumerate(names):
+        db = results[n].get("fidelity_vs_exact", {}).get("psnr_db")
+        if db is not None:
+            label = "identical" if db == float("inf") else f"{db:.1f} dB"
+            ax.text(i, bottom[i], label, ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("seconds")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    plt.xticks(rotation=30, ha="right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(args) -> int:
+    """The ``wanlite bench`` command (arguments from ``cli``)."""
+    from .loading import resolve_model
+    from .params import validate
+
+    modes = parse_modes(args.modes)
+    params = validate(
+        prompt=args.prompt,
+        height=args.height,
+        width=args.width,
+        num_frames=args.num_frames,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+    ).to_dict()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = str(resolve_model(args.model))
+    base = {k: v for k, v in vars(args).items() if k in _BASE_OPTIONS and v is not None}
+    base["embed_cache"] = False  # every mode encodes its prompts: same work in every row
+    results = run_modes(model, params, modes, out, base)
+    title = (
+        f"{args.model}: {params['width']}x{params['height']}x{params['num_frames']}, "
+        f"{params['num_inference_steps']} steps, {results[next(iter(results))]['device']}"
+    )
+    print(title)
+    print(table(results))
+    (out / "bench.json").write_text(json.dumps({"params": params, "results": results}, indent=1))
+    png = chart(results, out / "bench.png", title)
+    print(f"wrote {out / 'bench.json'} and {png}")
+    print(json.dumps({"params": params, "results": results}))
+    return 0
+
+
+_BASE_OPTIONS = ("device", "dtype", "attention", "quant", "offload", "max_memory", "vae_tiling")
+
+
+def _worker(argv: list[str]) -> None:
+    spec, npz = json.loads(argv[0]), Path(argv[1])
+    save(run_generation(spec["model"], spec["params"], spec["options"]), npz)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--worker"]:
+        raise SystemExit("internal entry point: use `wanlite bench`")
+    _worker(sys.argv[2:])
