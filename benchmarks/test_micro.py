@@ -129,12 +129,13 @@ def test_fused_qkv(benchmark, mode, fused):
     separate = copy.deepcopy(layers)
     x = torch.randn(1, TOKENS, DIM)
     if fused:
-        fuse_linears(layers)
+        buffers = fuse_linears(layers)
         ptrs = {m.weight.untyped_storage().data_ptr() for m in layers}
         assert len(ptrs) == 1  # one weight buffer: fused_linear runs one GEMM
+        w, s, b = (buffers[a] for a in ("weight", "weight_scale", "bias"))
 
         def run():
-            return fused_linear(x, layers)
+            return fused_linear(x, w, s, b, [DIM] * 3)
     else:
 
         def run():

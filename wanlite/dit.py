@@ -37,7 +37,6 @@ and filled with ``load_state_dict(..., assign=True)``.
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -244,7 +243,9 @@ class Attention(nn.Module):
     """Multi-head attention with RMS q/k norms across heads; self- or cross- (ctx given).
 
     The q/k/v projections (k/v for cross-attention) run as one GEMM when ``fuse_projections``
-    has put their weights side by side in one buffer (``quant.fused_linear``)."""
+    has put their weights side by side in one buffer and registered it here (non-persistent
+    buffers ``qkv_weight``, ``kv_weight``, ...: not in the state dict, and seen by
+    torch.compile as inputs like the parameters)."""
 
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
@@ -253,11 +254,23 @@ class Attention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
 
+    def fuse(self, tag: str, names: tuple[str, ...]) -> None:
+        for attr, t in fuse_linears([getattr(self, n) for n in names]).items():
+            self.register_buffer(f"{tag}_{attr}", t, persistent=False)
+
+    def _project(self, x: Tensor, tag: str, names: tuple[str, ...]) -> list[Tensor]:
+        w = getattr(self, f"{tag}_weight", None)
+        if w is None:
+            return [getattr(self, n)(x) for n in names]
+        b = getattr(self, f"{tag}_bias", None)
+        s = getattr(self, f"{tag}_weight_scale", None)
+        return fused_linear(x, w, s, b, [getattr(self, n).out_features for n in names])
+
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, -1))  # [B, L, D] -> [B, L, heads, d]
 
     def self_attention(self, x: Tensor, rope, attn: AttnFn) -> Tensor:
-        q, k, v = fused_linear(x, (self.q, self.k, self.v))
+        q, k, v = self._project(x, "qkv", ("q", "k", "v"))
         q = apply_rope(self._heads(self.norm_q(q)), *rope)
         k = apply_rope(self._heads(self.norm_k(k)), *rope)
         out = attn(q.transpose(1, 2), k.transpose(1, 2), self._heads(v).transpose(1, 2))
@@ -265,7 +278,7 @@ class Attention(nn.Module):
 
     def context_kv(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-attention keys and values [B, heads, Lk, d] of a text context."""
-        k, v = fused_linear(ctx, (self.k, self.v))
+        k, v = self._project(ctx, "kv", ("k", "v"))
         return self._heads(self.norm_k(k)).transpose(1, 2), self._heads(v).transpose(1, 2)
 
     def cross_attention(self, x: Tensor, kv, bias: Tensor | None, attn: AttnFn) -> Tensor:
@@ -307,7 +320,9 @@ class Block(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         self.chunk = FFN_CHUNK
-        self.body = self._body  # replaced by a compiled version by ``compile_blocks``
+        # ``compile_blocks`` sets a compiled ``_body``; a plain function, not a bound method, so
+        # the block holds no reference cycle and is freed as soon as the DiT is released.
+        self.compiled_body = None
 
     def forward(self, x: Tensor, e0: Tensor, text: TextState, index: int, rope, attn: AttnFn):
         """x [B, L, D] (stream dtype, updated in place if fp32), e0 [B or 1, 6, D] fp32.
@@ -317,7 +332,8 @@ class Block(nn.Module):
         kv = text.kv.get(index)
         if kv is None:
             kv = text.kv[index] = self.cross_attn.context_kv(text.ctx)
-        return self.body(x, e0, kv, text.bias, rope, attn)
+        body = self.compiled_body or Block._body
+        return body(self, x, e0, kv, text.bias, rope, attn)
 
     def _body(self, x: Tensor, e0: Tensor, kv, bias, rope, attn: AttnFn) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, 1)
@@ -430,8 +446,8 @@ def fuse_projections(model: WanDiT) -> None:
     """Put each block's q/k/v (self-attention) and k/v (cross-attention) weights side by side in
     one buffer, so each runs as one GEMM.  Parameter names and values are unchanged."""
     for block in model.blocks:
-        fuse_linears((block.self_attn.q, block.self_attn.k, block.self_attn.v))
-        fuse_linears((block.cross_attn.k, block.cross_attn.v))
+        block.self_attn.fuse("qkv", ("q", "k", "v"))
+        block.cross_attn.fuse("kv", ("k", "v"))
 
 
 def compile_blocks(model: WanDiT, **kwargs) -> None:
@@ -442,7 +458,7 @@ def compile_blocks(model: WanDiT, **kwargs) -> None:
     kwargs.setdefault("dynamic", False)
     body = torch.compile(Block._body, **kwargs)
     for block in model.blocks:
-        block.body = functools.partial(body, block)
+        block.compiled_body = body
 
 
 def unpatchify(x: Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> Tensor:

@@ -215,9 +215,11 @@ class Pipeline:
         cfg = len(lengths) == 2
         cfg_steps = num_steps - int(o.cfg_skip_last * num_steps) if cfg else 0
         self.stats = {"cfg_batched": cfg and self.cfg_batched, "cfg_steps": cfg_steps}
-        for i, t in enumerate(timesteps):
+        # The time embeddings of the whole schedule, once: [steps, D] and [steps, 6, D] fp32.
+        e, e0 = dit.time_embeddings(timesteps.to(self.device, torch.float32), len(timesteps))
+        for i in range(num_steps):
             x = latents.to(self.dtype)
-            temb = dit.time_embeddings(t.to(self.device, torch.float32), 1)  # once per step
+            temb = (e[i : i + 1], e0[i : i + 1])
             last = i == num_steps - 1
             if i >= cfg_steps:
                 pred = branches.run("cond", x, temb, last)

@@ -113,9 +113,9 @@ def quantized_names(model: nn.Module) -> list[str]:
 
 # --- fused projections ------------------------------------------------------------------------
 # Layers that read the same input (q/k/v) run as one GEMM when their weights are consecutive rows
-# of one buffer.  ``fuse_linears`` moves them there once, at load time; the layers keep their
-# own parameters (views into the buffer), so names, state dicts and block streaming are
-# unaffected.  Layers that were not fused (e.g. streamed blocks) simply run one by one.
+# of one buffer.  ``fuse_linears`` moves them there once, at load time, and returns the buffers;
+# the layers keep their own parameters as views into them, so names, state dicts and memory are
+# unchanged.  ``fused_linear`` then runs the one GEMM on those buffers.
 
 _FUSED_ATTRS = ("weight", "weight_scale", "bias")
 
@@ -135,37 +135,34 @@ def _joined(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return first.new_empty(0).set_(storage, first.storage_offset(), shape)
 
 
-def _params(layers, attr: str) -> list[torch.Tensor] | None:
-    ts = [getattr(m, attr, None) for m in layers]
-    return None if any(t is None for t in ts) else ts
-
-
-def fuse_linears(layers) -> None:
-    """Copy the weights (and scales, biases) of same-kind linear layers into one buffer each."""
+def fuse_linears(layers) -> dict[str, torch.Tensor | None]:
+    """Put the weights (and scales, biases) of same-kind linear layers into one buffer each
+    (once: already fused layers are left as they are).  Returns {attr: buffer or None}."""
     if len({(type(m), getattr(m, "mode", None), m.in_features) for m in layers}) != 1:
         raise ValueError("only linear layers of one kind and input width can be fused")
+    fused = {}
     for attr in _FUSED_ATTRS:
-        ts = _params(layers, attr)
-        if ts is None or _joined(ts) is not None:
+        ts = [getattr(m, attr, None) for m in layers]
+        if any(t is None for t in ts):
+            fused[attr] = None
             continue
-        buffer, row = torch.cat([t.detach() for t in ts]), 0
-        for m, t in zip(layers, ts):
-            setattr(m, attr, nn.Parameter(buffer[row : row + t.shape[0]], requires_grad=False))
-            row += t.shape[0]
+        buffer = _joined(ts)
+        if buffer is None:
+            buffer, row = torch.cat([t.detach() for t in ts]), 0
+            for m, t in zip(layers, ts):
+                setattr(m, attr, nn.Parameter(buffer[row : row + t.shape[0]], requires_grad=False))
+                row += t.shape[0]
+        fused[attr] = buffer
+    return fused
 
 
-def fused_linear(x: torch.Tensor, layers) -> list[torch.Tensor]:
-    """``[m(x) for m in layers]``, as one GEMM when the layers were fused."""
-    joined = {attr: _joined(ts) for attr in _FUSED_ATTRS if (ts := _params(layers, attr))}
-    if joined.get("weight") is None or any(v is None for v in joined.values()):
-        return [m(x) for m in layers]
-    w, s, b = (joined.get(a) for a in _FUSED_ATTRS)
-    if isinstance(layers[0], QLinear):
-        y = F.linear(x, w.to(x.dtype))
-        if s is not None:
-            y = y * s.to(x.dtype)
-        if b is not None:
-            y = y + b.to(x.dtype)
-    else:
-        y = F.linear(x, w, b)
-    return list(y.split([m.out_features for m in layers], dim=-1))
+def fused_linear(x, weight, scale, bias, sizes: list[int]) -> list[torch.Tensor]:
+    """The outputs of fused layers (buffers from ``fuse_linears``), split per layer: one GEMM,
+    with ``QLinear``'s arithmetic when there is a scale."""
+    if scale is None:
+        b = None if bias is None else bias.to(x.dtype)
+        return list(F.linear(x, weight.to(x.dtype), b).split(sizes, dim=-1))
+    y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return list(y.split(sizes, dim=-1))
