@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from wanlite.bench import compare, psnr  # noqa: F401  (re-exported for the scripts)
+from wanlite.bench import save as save_result  # noqa: F401
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -131,25 +134,6 @@ def wanlite_generate(path: str, params: dict, **options) -> dict:
         "phase_peaks": video.peak_memory,
         "phase_seconds": video.timings,
         "arrays": {"latents": video.latents.float().numpy(), "frames": video.frames},
-    }
-
-
-def save_result(result: dict, npz: Path) -> None:
-    np.savez(npz, **result.pop("arrays"))
-    print(json.dumps(result))
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
-def compare(ref_npz: Path, npz: Path) -> dict:
-    a, b = np.load(ref_npz), np.load(npz)
-    return {
-        "latents_max_abs_diff": float(np.abs(a["latents"] - b["latents"]).max()),
-        "frames_max_diff": int(np.abs(a["frames"].astype(int) - b["frames"].astype(int)).max()),
-        "psnr_db": psnr(a["frames"], b["frames"]),
     }
 
 

@@ -64,6 +64,7 @@ def run_generation(model: str, params: dict, options: dict) -> dict:
         t0 = time.perf_counter()
         pipe.generate(**(params | {"num_inference_steps": 1}), progress=False)
         warmup_s = time.perf_counter() - t0
+        pipe.embeddings.memory.clear()  # the timed run encodes its prompts like every other mode
     t0 = time.perf_counter()
     video = pipe.generate(**params, progress=False)
     generate_s = time.perf_counter() - t0

@@ -118,6 +118,9 @@ class Component:
             if layer in qlayers and attr == "weight":
                 w, s = quantize_weight(self.store.get(self.names[layer + ".weight"]), self.quant)
                 compact[name], compact[layer + ".weight_scale"] = w, s
+                # Return the freed full-precision pages now: the kept int8 tensors sit between
+                # them on the heap, so without this the peak can reach the fp32 model's size.
+                trim()
             elif layer in qlayers and attr == "weight_scale":
                 continue
             else:

@@ -4,8 +4,10 @@ Matches diffusers' ``WanPipeline`` step for step (same seed + parameters + weigh
 within float tolerance): prompts are cleaned and tokenized to 512 tokens, the encoder output is
 cut to each prompt's real length and zero-padded back to 512; the initial noise is drawn in fp32
 from a CPU ``torch.Generator`` (so a seed means the same video on every device); the scheduler
-state stays fp32 and latents are cast to the DiT dtype only for each forward; CFG runs the
-conditional and unconditional passes as two forwards and combines ``u + g * (c - u)``.
+state stays fp32 and latents are cast to the DiT dtype only for each forward; CFG combines
+``u + g * (c - u)`` from the conditional and unconditional passes, run as one batch of 2 when the
+planner finds room (else as two forwards; the two agree within float tolerance).  The DiT then
+attends to each prompt's padding as one merged key (``dit.TextState``), also exact.
 
 Sizes that the model cannot make directly are generated at the next valid size and cut back:
 height and width round up to a multiple of 16 (VAE stride 8 x patch 2) and are center-cropped;
