@@ -25,7 +25,16 @@ from pathlib import Path
 
 from harness import bench_params, diffusers_phases, save_result
 
-from wanlite.bench import DEFAULT_MODES, chart, compare, parse_modes, run_modes, run_worker, table
+from wanlite.bench import (
+    DEFAULT_MODES,
+    add_fidelity,
+    chart,
+    compare,
+    mode_jobs,
+    parse_modes,
+    run_jobs,
+    table,
+)
 
 
 def main() -> None:
@@ -39,6 +48,7 @@ def main() -> None:
     p.add_argument("--modes", default=DEFAULT_MODES)
     p.add_argument("--size", default="full:2", help="random checkpoint (tiny: smoke test)")
     p.add_argument("--chart", type=Path, default=Path("bench_speed.png"))
+    p.add_argument("--repeat", type=int, default=1, help="runs per row, interleaved; medians")
     a = p.parse_args()
     from wanlite.loading import resolve_model
 
@@ -48,12 +58,16 @@ def main() -> None:
         save_result(diffusers_phases(path, params, "float32"), a.out)
         return
     tmp = Path(tempfile.mkdtemp())
-    print("running diffusers-fp32 ...", file=sys.stderr, flush=True)
-    ref = run_worker([__file__, "--worker", "--out", str(tmp / "diffusers"), *sys.argv[1:]])
-    ref["s_per_step"] = ref["phase_seconds"]["denoise"] / a.steps
     base = dict(device="cpu", dtype="float32", embed_cache=False)
-    res = run_modes(path, params, parse_modes(a.modes), tmp, base)
-    exact = next(iter(res))
+    ref_job = [__file__, "--worker", "--out", str(tmp / "diffusers.npz"), *sys.argv[1:]]
+    jobs = {"diffusers-fp32": ref_job} | mode_jobs(path, params, parse_modes(a.modes), tmp, base)
+    rows = run_jobs(jobs, a.repeat)
+    for r in rows.values():
+        r["s_per_step"] = r["phase_seconds"]["denoise"] / a.steps
+    ref = rows.pop("diffusers-fp32")
+    exact = next(iter(rows))
+    add_fidelity(rows, exact)
+    res = rows
     vs_diffusers = compare(tmp / "diffusers.npz", Path(res[exact]["npz"]))
     ref["fidelity_vs_exact"] = vs_diffusers
     rows = {"diffusers-fp32": ref, **res}

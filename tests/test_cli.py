@@ -16,10 +16,11 @@ def test_generate_random_tiny(tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "v.mp4"
     args = ["generate", "--model", str(tiny_checkpoint), "--prompt", "a cat", "--out", str(out)]
     args += ["--height", "33", "--width", "40", "--num-frames", "6", "--num-inference-steps", "2"]
-    args += ["--seed", "11", "--quiet"]
+    args += ["--seed", "11", "--quiet", "--cache", "firstblock", "--cache-threshold", "1e6"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "seed: 11" in printed and "denoise:" in printed and "peak" in printed
+    assert "DiT forwards: 4, skipped by the step cache: 0" in printed  # 2 steps: first and last
     assert "(6 frames, 40x33, 16 fps)" in printed
     assert read_mp4(out).shape == (6, 33, 40, 3)
 

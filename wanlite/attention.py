@@ -4,9 +4,9 @@
 The default backend is PyTorch SDPA (flash / memory-efficient kernels on CUDA, a fused kernel
 on CPU).  Optional CUDA-only libraries (flash-attn, SageAttention, xformers) can be asked for by
 name; a backend that is asked for and missing is an error, never a silent fallback.  ``"auto"``
-picks once, at load: the first of flash_attn, sage, xformers that is installed and can run on a
-CUDA device, else SDPA; the choice is logged.  (SageAttention quantizes q/k to int8: faster,
-not exact; "auto" takes it only after flash-attn.)
+picks once, at load: the first of flash_attn, xformers that is installed and can run on a
+CUDA device, else SDPA; the choice is logged.  SageAttention quantizes q/k to int8 (faster, not
+exact), so "auto" never picks it: it is used only when asked for by name.
 
 The cross-attention with a merged padding key (``dit.TextState``) needs an additive mask and
 always runs through SDPA; the backends here serve the self-attention, where the time goes.
@@ -63,7 +63,7 @@ _BACKENDS: dict[str, tuple[AttnFn, str | None]] = {
     "sage": (_sage, "sageattention"),
     "xformers": (_xformers, "xformers"),
 }
-AUTO_ORDER = ("flash_attn", "sage", "xformers")
+AUTO_ORDER = ("flash_attn", "xformers")  # exact backends only
 NAMES = ("auto", *_BACKENDS)
 
 

@@ -116,23 +116,58 @@ def compare(ref_npz: Path, npz: Path) -> dict:
     }
 
 
-def run_modes(
+def mode_jobs(
     model: str, params: dict, modes: dict[str, dict], workdir: Path, base: dict | None = None
-) -> dict[str, dict]:
-    """Every mode in its own process (``base`` options shared); fidelity vs the first mode."""
-    results = {}
+) -> dict[str, list[str]]:
+    """The worker command line of each mode (``base`` options shared); outputs go to workdir."""
+    jobs = {}
     for name, opts in modes.items():
-        print(f"running {name} ...", file=sys.stderr, flush=True)
         spec = json.dumps({"model": model, "params": params, "options": (base or {}) | opts})
-        npz = workdir / f"{_safe(name)}.npz"
-        results[name] = run_worker(["-m", "wanlite.bench", "--worker", spec, str(npz)])
-        results[name]["npz"] = str(npz)
-    first = next(iter(results))
+        jobs[name] = ["-m", "wanlite.bench", "--worker", spec, str(workdir / f"{_safe(name)}.npz")]
+    return jobs
+
+
+def run_jobs(jobs: dict[str, list[str]], repeat: int = 1) -> dict[str, dict]:
+    """Run every job ``repeat`` times, round-robin (so slow spells of a shared machine hit all
+    rows alike); times are the per-phase medians, peaks the maximum.  The npz path of a job is
+    its last argument."""
+    runs: dict[str, list[dict]] = {name: [] for name in jobs}
+    for i in range(repeat):
+        for name, argv in jobs.items():
+            print(f"running {name} ({i + 1}/{repeat}) ...", file=sys.stderr, flush=True)
+            runs[name].append(run_worker(argv) | {"npz": argv[-1]})
+    return {name: _median(rs) for name, rs in runs.items()}
+
+
+def _median(rs: list[dict]) -> dict:
+    out = dict(rs[0])
+    out["phase_seconds"] = {
+        k: float(np.median([r["phase_seconds"][k] for r in rs])) for k in rs[0]["phase_seconds"]
+    }
+    out["generate_s"] = float(np.median([r["generate_s"] for r in rs]))
+    out["peak"] = max(r["peak"] for r in rs)
+    out["runs"] = len(rs)
+    out["generate_s_each"] = [r["generate_s"] for r in rs]
+    return out
+
+
+def add_fidelity(results: dict[str, dict], exact: str) -> None:
+    """Fidelity of each row vs the ``exact`` row, and its denoise speed-up over it."""
     for r in results.values():
-        r["fidelity_vs_exact"] = compare(Path(results[first]["npz"]), Path(r["npz"]))
-        r["speedup_vs_exact"] = results[first]["phase_seconds"]["denoise"] / max(
+        r["fidelity_vs_exact"] = compare(Path(results[exact]["npz"]), Path(r["npz"]))
+        r["speedup_vs_exact"] = results[exact]["phase_seconds"]["denoise"] / max(
             r["phase_seconds"]["denoise"], 1e-9
         )
+
+
+def run_modes(
+    model: str, params: dict, modes: dict[str, dict], workdir: Path, base=None, repeat: int = 1
+) -> dict[str, dict]:
+    """Every mode in its own process; fidelity and speed-up vs the first mode."""
+    results = run_jobs(mode_jobs(model, params, modes, workdir, base), repeat)
+    for r in results.values():
+        r["s_per_step"] = r["phase_seconds"]["denoise"] / params["num_inference_steps"]
+    add_fidelity(results, next(iter(results)))
     return results
 
 
@@ -224,7 +259,7 @@ def main(args) -> int:
     model = str(resolve_model(args.model))
     base = {k: v for k, v in vars(args).items() if k in _BASE_OPTIONS and v is not None}
     base["embed_cache"] = False  # every mode encodes its prompts: same work in every row
-    results = run_modes(model, params, modes, out, base)
+    results = run_modes(model, params, modes, out, base, args.repeat)
     title = (
         f"{args.model}: {params['width']}x{params['height']}x{params['num_frames']}, "
         f"{params['num_inference_steps']} steps, {results[next(iter(results))]['device']}"

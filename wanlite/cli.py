@@ -107,6 +107,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--repeat", type=int, default=1, help="runs per mode; medians are reported")
     for flag in ("device", "dtype", "attention", "quant", "offload", "max-memory", "vae-tiling"):
         p.add_argument("--" + flag, default=None, help="as for generate")
 
@@ -135,6 +136,13 @@ def _generate(args) -> int:
     print(f"load: {pipe.load_seconds:.1f} s, peak {fmt_bytes(pipe.load_peak)}")
     for phase, seconds in video.timings.items():
         print(f"{phase}: {seconds:.1f} s, peak {fmt_bytes(video.peak_memory[phase])}")
+    st = video.stats
+    if "dit_forwards" in st:
+        cfg = "batched" if st["cfg_batched"] else "sequential"
+        print(
+            f"DiT forwards: {st['dit_forwards']}, skipped by the step cache: "
+            f"{st['dit_forwards_skipped']} (CFG {cfg}, negative pass on {st['cfg_steps']} steps)"
+        )
     return 0
 
 

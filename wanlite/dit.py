@@ -17,7 +17,9 @@ Data flow and shapes (B batch, C=in_channels, patch (pt, ph, pw), grid (f, h, w)
 Attention: q/k are RMS-normalised over the whole D ("across heads", eps 1e-6, with weight);
 RoPE rotates the interleaved pairs (2i, 2i+1) of each head; head_dim is split into
 (t, h, w) = (hd - 4*(hd//6), 2*(hd//6), 2*(hd//6)) channels, each with angles
-pos / 10000^(2j/axis_dim).  Cross-attention attends to every context token (no mask).
+pos / 10000^(2j/axis_dim).  Cross-attention attends to every context token (no mask), as
+diffusers does; the pipeline passes the prompts' lengths so that the identical padding tokens are
+attended to as one merged key (``TextState``: same result, n + 1 keys instead of 512).
 
 Precision (the fp32 islands of diffusers' ``_keep_in_fp32_modules`` and of the original code):
 the sinusoid, the time MLPs, the modulation tables, adaLN arithmetic (norm, scale/shift,

@@ -10,7 +10,9 @@ branch.  Memory: one residual [B, L, D] in the stream dtype per branch (~200 MB 
   relative L1 change of the time embedding ``e`` between forwards, rescaled by a polynomial fitted
   on the real Wan2.1-T2V-1.3B weights (TeaCache4Wan2.1's coefficients for that model) and
   accumulated; the blocks run again when the sum reaches the threshold (then it restarts at 0).
-  Thresholds from that work for 1.3B: ~0.05 (about 1.6x) to ~0.08 (about 2x).
+  Higher thresholds skip more.  The polynomial only means something for weights like the real
+  model's: with random weights the time embedding changes ~100% per step and nothing is skipped
+  at thresholds near the default.
 - ``FirstBlockCache`` (as in ParaAttention / diffusers' FirstBlockCache): block 0 always runs; if
   its residual differs from the one at the last full step by less than ``threshold`` (relative
   L1), the other 29 blocks are skipped and their kept residual is added.  The signal comes from
