@@ -121,7 +121,7 @@ def main() -> None:
             save_result(diffusers_phases(path, params, "bfloat16"), a.out)
         else:
             opts = PROFILES[a.worker] | dict(device="cpu", dtype="float32", embed_cache=False)
-            save_result(wanlite_generate(path, params, **opts), a.out)
+            save_result(wanlite_generate(path, params, opts), a.out)
         return
     resolve_model(f"random:{a.size}")  # build it once, outside the timed workers
     tmp = Path(tempfile.mkdtemp())

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from wanlite.bench import compare, psnr  # noqa: F401  (re-exported for the scripts)
+from wanlite.bench import run_generation as wanlite_generate  # noqa: F401
 from wanlite.bench import save as save_result  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
@@ -114,26 +115,6 @@ def diffusers_phases(path: str, params: dict, dtype: str) -> dict:
         "generate_s": secs["encode"] + secs["denoise"] + secs["decode"],
         "load_s": secs["load"],
         "arrays": {"latents": latents.float().numpy(), "frames": u8},
-    }
-
-
-def wanlite_generate(path: str, params: dict, **options) -> dict:
-    import wanlite
-
-    t0 = time.perf_counter()
-    pipe = wanlite.load(path, **options)
-    load_s, load_peak = time.perf_counter() - t0, peak_rss()
-    reset_peak()
-    t0 = time.perf_counter()
-    video = pipe.generate(**params, progress=False)
-    gen_s = time.perf_counter() - t0
-    return {
-        "load_s": load_s,
-        "generate_s": gen_s,
-        "peak": max(load_peak, *video.peak_memory.values()),  # phases reset the high-water mark
-        "phase_peaks": video.peak_memory,
-        "phase_seconds": video.timings,
-        "arrays": {"latents": video.latents.float().numpy(), "frames": video.frames},
     }
 
 
