@@ -61,9 +61,7 @@ def main() -> None:
     base = dict(device="cpu", dtype="float32", embed_cache=False)
     ref_job = [__file__, "--worker", "--out", str(tmp / "diffusers.npz"), *sys.argv[1:]]
     jobs = {"diffusers-fp32": ref_job} | mode_jobs(path, params, parse_modes(a.modes), tmp, base)
-    rows = run_jobs(jobs, a.repeat)
-    for r in rows.values():
-        r["s_per_step"] = r["phase_seconds"]["denoise"] / a.steps
+    rows = run_jobs(jobs, a.steps, a.repeat)
     ref = rows.pop("diffusers-fp32")
     exact = next(iter(rows))
     add_fidelity(rows, exact)

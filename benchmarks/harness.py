@@ -6,15 +6,12 @@ writes its final latents and uint8 frames to an .npz and its measurements to JSO
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from wanlite import bench
 from wanlite.bench import compare, psnr  # noqa: F401  (re-exported for the scripts)
 from wanlite.bench import run_generation as wanlite_generate  # noqa: F401
 from wanlite.bench import save as save_result  # noqa: F401
@@ -49,14 +46,7 @@ def reset_peak() -> None:
 
 def run_worker(script: Path, args: list[str], timeout: float = 7200) -> dict:
     """Run ``script --worker ...`` in a new process; return the JSON it prints last."""
-    cmd = [sys.executable, str(script), "--worker", *args]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ)
-    if r.returncode != 0:
-        raise RuntimeError(f"worker {args} failed:\n{r.stderr[-4000:]}")
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    out["process_seconds"] = time.perf_counter() - t0
-    return out
+    return bench.run_worker([str(script), "--worker", *args], timeout)
 
 
 def diffusers_phases(path: str, params: dict, dtype: str) -> dict:

@@ -219,13 +219,18 @@ def test_merged_padding_is_exact(models):
     assert ours.prepare_text(ctx[:1], [24]).bias is None  # no padding, nothing to merge
 
 
+def _fresh(state) -> WanDiT:
+    """A new model with the test weights (for tests that change the model they get)."""
+    model = WanDiT(CFG).eval()
+    model.load_state_dict(state, strict=True)
+    return model
+
+
 def test_fused_projections_are_exact_and_keep_names(state):
     from wanlite.dit import fuse_projections
     from wanlite.quant import _joined
 
-    model = WanDiT(CFG).eval()
-    model.load_state_dict(state, strict=True)
-    x, t, ctx = _inputs(*SHAPES[1])
+    model, (x, t, ctx) = _fresh(state), _inputs(*SHAPES[1])
     before = model(x, t, ctx)
     fuse_projections(model)
     attn = model.blocks[0].self_attn
@@ -238,9 +243,7 @@ def test_fused_projections_are_exact_and_keep_names(state):
 def test_compiled_blocks_match(state):
     from wanlite.dit import compile_blocks
 
-    model = WanDiT(CFG).eval()
-    model.load_state_dict(state, strict=True)
-    x, t, ctx = _inputs(*SHAPES[1])
+    model, (x, t, ctx) = _fresh(state), _inputs(*SHAPES[1])
     eager = model(x, t, ctx)
     compile_blocks(model)
     diff = (model(x, t, ctx) - eager).abs().max().item()

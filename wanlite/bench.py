@@ -73,7 +73,6 @@ def run_generation(model: str, params: dict, options: dict) -> dict:
         "compile_warmup_s": warmup_s,
         "generate_s": generate_s,
         "phase_seconds": video.timings,
-        "s_per_step": video.timings["denoise"] / params["num_inference_steps"],
         "phase_peaks": video.peak_memory,
         "peak": max(pipe.load_peak, *video.peak_memory.values()),
         "device": str(pipe.device),
@@ -127,24 +126,25 @@ def mode_jobs(
     return jobs
 
 
-def run_jobs(jobs: dict[str, list[str]], repeat: int = 1) -> dict[str, dict]:
+def run_jobs(jobs: dict[str, list[str]], steps: int, repeat: int = 1) -> dict[str, dict]:
     """Run every job ``repeat`` times, round-robin (so slow spells of a shared machine hit all
-    rows alike); times are the per-phase medians, peaks the maximum.  The npz path of a job is
-    its last argument."""
+    rows alike); times are the per-phase medians (and s/step of ``steps``), peaks the maximum.
+    The npz path of a job is its last argument."""
     runs: dict[str, list[dict]] = {name: [] for name in jobs}
     for i in range(repeat):
         for name, argv in jobs.items():
             print(f"running {name} ({i + 1}/{repeat}) ...", file=sys.stderr, flush=True)
             runs[name].append(run_worker(argv) | {"npz": argv[-1]})
-    return {name: _median(rs) for name, rs in runs.items()}
+    return {name: _median(rs, steps) for name, rs in runs.items()}
 
 
-def _median(rs: list[dict]) -> dict:
+def _median(rs: list[dict], steps: int) -> dict:
     out = dict(rs[0])
     out["phase_seconds"] = {
         k: float(np.median([r["phase_seconds"][k] for r in rs])) for k in rs[0]["phase_seconds"]
     }
     out["generate_s"] = float(np.median([r["generate_s"] for r in rs]))
+    out["s_per_step"] = out["phase_seconds"]["denoise"] / steps
     out["peak"] = max(r["peak"] for r in rs)
     out["runs"] = len(rs)
     out["generate_s_each"] = [r["generate_s"] for r in rs]
@@ -164,9 +164,8 @@ def run_modes(
     model: str, params: dict, modes: dict[str, dict], workdir: Path, base=None, repeat: int = 1
 ) -> dict[str, dict]:
     """Every mode in its own process; fidelity and speed-up vs the first mode."""
-    results = run_jobs(mode_jobs(model, params, modes, workdir, base), repeat)
-    for r in results.values():
-        r["s_per_step"] = r["phase_seconds"]["denoise"] / params["num_inference_steps"]
+    jobs = mode_jobs(model, params, modes, workdir, base)
+    results = run_jobs(jobs, params["num_inference_steps"], repeat)
     add_fidelity(results, next(iter(results)))
     return results
 
@@ -205,8 +204,7 @@ def table(results: dict[str, dict], ref: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def chart(results: dict[str, dict], path: Path, title: str) -> Path:
-    """Stacked bars of seconds per phase for each mode, labelled with the PSNR vs exact."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -216,6 +214,12 @@ def chart(results: dict[str, dict], path: Path, title: str) -> Path:
         raise RuntimeError(
             "the bench chart needs matplotlib: pip install 'wanlite[bench]'"
         ) from None
+    return plt
+
+
+def chart(results: dict[str, dict], path: Path, title: str) -> Path:
+    """Stacked bars of seconds per phase for each mode, labelled with the PSNR vs exact."""
+    plt = _pyplot()
     names = list(results)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4.5))
     bottom = np.zeros(len(names))
@@ -245,6 +249,7 @@ def main(args) -> int:
     from .params import validate
 
     modes = parse_modes(args.modes)
+    _pyplot()  # before hours of runs, not after
     params = validate(
         prompt=args.prompt,
         height=args.height,

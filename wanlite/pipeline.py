@@ -153,11 +153,6 @@ class Pipeline:
 
     # -- phases ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode_prompts(self, texts: list[str]) -> torch.Tensor:
-        """[B, 512, text_dim] embeddings: real tokens encoded, the rest exact zeros."""
-        return self.encode_texts(texts)[0]
-
-    @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
         """(embeddings [B, 512, text_dim] zero-padded after each text's tokens, token counts).
 

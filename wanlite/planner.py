@@ -176,8 +176,9 @@ def choose(
         for tiled in tilings:
             est = estimate(cfg, latent_shape, offload=mode, tiled=tiled, **kw)
             if est.peak <= budget:
-                batched = _batched(options, budget, est2(mode, tiled))
-                return Choice(mode, tiled, batched, est2(mode, tiled) if batched else est)
+                doubled = est2(mode, tiled)
+                batched = _batched(options, budget, doubled)
+                return Choice(mode, tiled, batched, doubled if batched else est)
     mode, tiled = modes[-1], tilings[-1]
     est = estimate(cfg, latent_shape, offload=mode, tiled=tiled, **kw)
     batched = options.cfg_batch == "on"
