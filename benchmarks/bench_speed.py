@@ -9,10 +9,16 @@ the 24 umT5 layers (``random:full:2``): diffusers in fp32 holds the whole 5.7 B-
 encoder in RAM (22.7 GB) and would not fit this 24 GiB machine next to the DiT.  With 2 layers
 the text phase is cheap for both engines, which understates wanlite's lead there.
 
-Prints a table (seconds per phase, s/step, total, peak memory, speed-up of the denoise phase vs
-wanlite's exact mode, share of DiT forwards skipped, fidelity vs exact, and each row's total
-time as a ratio to diffusers), the fidelity of the exact mode against diffusers, writes a PNG
-chart, and ends with one JSON line.
+Prints a table (seconds per phase, s/step, total, seconds of weight reads inside the call, peak
+memory, speed-up of the denoise phase vs wanlite's exact mode, share of DiT forwards skipped,
+fidelity vs exact, and each row's time as a ratio to diffusers: the whole call, and its compute,
+i.e. the call minus its weight reads), the fidelity of the exact mode against diffusers, the
+load + first call totals, writes a PNG chart, and ends with one JSON line.
+
+Like for like: diffusers' ``from_pretrained`` reads every weight before the call, while
+``wanlite.load`` reads headers only and each component's weights at first use, inside the call.
+"compute x ref" compares the calls without weight reads; "total x ref" charges wanlite's first
+reads to its call; the load + first call line adds both engines' load times.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ def main() -> None:
         return
     tmp = Path(tempfile.mkdtemp())
     base = dict(device="cpu", dtype="float32", embed_cache=False)
-    ref_job = [__file__, "--worker", "--out", str(tmp / "diffusers.npz"), *sys.argv[1:]]
+    ref_job = [__file__, "--worker", *sys.argv[1:], "--out", str(tmp / "diffusers.npz")]
     jobs = {"diffusers-fp32": ref_job} | mode_jobs(path, params, parse_modes(a.modes), tmp, base)
     rows = run_jobs(jobs, a.steps, a.repeat)
     ref = rows.pop("diffusers-fp32")
@@ -78,6 +84,13 @@ def main() -> None:
         f"\n{exact} vs diffusers: latents max abs diff {vs_diffusers['latents_max_abs_diff']:.2e}, "
         f"frames max diff {vs_diffusers['frames_max_diff']} levels, "
         f"PSNR {vs_diffusers['psnr_db']:.1f} dB"
+    )
+    cold = {n: r["load_s"] + r["generate_s"] for n, r in rows.items()}
+    print(
+        f"load + first call: diffusers {cold['diffusers-fp32']:.1f} s "
+        f"(load {ref['load_s']:.1f} s), {exact} {cold[exact]:.1f} s (load {res[exact]['load_s']:.1f} s"
+        f" + {res[exact]['weights_s']:.1f} s of weight reads in the call): "
+        f"{cold[exact] / cold['diffusers-fp32']:.3f}x"
     )
     title = f"wanlite vs diffusers, {a.width}x{a.height}x{a.num_frames}, {a.steps} steps, CPU"
     print(f"chart: {chart(rows, a.chart, title)}")

@@ -134,3 +134,29 @@ def test_cfg_gating_skips_the_unconditional_pass(tiny_checkpoint, batch):
     assert not torch.equal(gated.latents, exact.latents)
     off = pipe.generate("x", guidance_scale=1.0, **kw)  # no CFG at all: one pass per step
     assert off.stats["dit_forwards"] == 4 and off.stats["cfg_steps"] == 0
+
+
+def test_second_call_keeps_its_resident_model_and_reads_no_weights(tiny_checkpoint, monkeypatch):
+    """The planner must not count the pipeline's own resident weights as memory in use: on a
+    machine with room for offload="none", every call keeps it (no re-reads after the first)."""
+    import wanlite
+    from wanlite import planner
+
+    pipe = wanlite.load(str(tiny_checkpoint), device="cpu", embed_cache=False)
+    kw = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=1, progress=False)
+    plan_none = planner.estimate(
+        pipe.cfg, (16, 2, 4, 4), compute_bytes=4, quant="none", offload="none", tiled=False
+    )
+    machine = plan_none.peak + 2**20  # room for "none", and 1 MiB more
+
+    def available(device):  # what the OS reports: the machine minus what we hold
+        return machine - sum(c.resident_bytes() for c in pipe.components.values())
+
+    monkeypatch.setattr(planner, "available_memory", available)
+    first = pipe.generate("x", **kw)
+    assert pipe.offload == "none" and first.weights_seconds > 0
+    held = sum(c.resident_bytes() for c in pipe.components.values())
+    assert held > machine - plan_none.peak  # without `held` the budget would not fit "none"
+    second = pipe.generate("x", **kw)
+    assert pipe.offload == "none" and second.weights_seconds == 0
+    assert torch.equal(first.latents, second.latents)

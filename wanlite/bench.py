@@ -72,6 +72,7 @@ def run_generation(model: str, params: dict, options: dict) -> dict:
         "load_s": load_s,
         "compile_warmup_s": warmup_s,
         "generate_s": generate_s,
+        "weights_s": video.weights_seconds,
         "phase_seconds": video.timings,
         "phase_peaks": video.peak_memory,
         "peak": max(pipe.load_peak, *video.peak_memory.values()),
@@ -144,6 +145,11 @@ def _median(rs: list[dict], steps: int) -> dict:
         k: float(np.median([r["phase_seconds"][k] for r in rs])) for k in rs[0]["phase_seconds"]
     }
     out["generate_s"] = float(np.median([r["generate_s"] for r in rs]))
+    # Compute = the call minus its weight reads (wanlite reads weights at first use; a
+    # reference that loads everything before the call reports weights_s 0).
+    out["load_s"] = float(np.median([r["load_s"] for r in rs]))
+    out["weights_s"] = float(np.median([r.get("weights_s", 0.0) for r in rs]))
+    out["compute_s"] = float(np.median([r["generate_s"] - r.get("weights_s", 0.0) for r in rs]))
     out["s_per_step"] = out["phase_seconds"]["denoise"] / steps
     out["peak"] = max(r["peak"] for r in rs)
     out["runs"] = len(rs)
@@ -178,10 +184,11 @@ def table(results: dict[str, dict], ref: str | None = None) -> str:
     """One row per engine/mode; ratios to ``ref`` (e.g. diffusers) when given."""
     head = (
         f"{'mode':<20}{'encode s':>9}{'denoise s':>10}{'decode s':>9}{'s/step':>8}"
-        f"{'total s':>9}{'peak GiB':>9}{'x exact':>8}{'skipped':>8}{'PSNR dB':>8}{'lat diff':>9}"
+        f"{'total s':>9}{'weights s':>10}{'peak GiB':>9}{'x exact':>8}{'skipped':>8}"
+        f"{'PSNR dB':>8}{'lat diff':>9}"
     )
     if ref is not None:
-        head += f"{'time x ref':>11}"
+        head += f"{'total x ref':>12}{'compute x ref':>14}"
     lines = [head]
     for name, r in results.items():
         ph, fid, st = r["phase_seconds"], r.get("fidelity_vs_exact", {}), r.get("stats", {})
@@ -194,12 +201,15 @@ def table(results: dict[str, dict], ref: str | None = None) -> str:
         db, lat = fid.get("psnr_db", float("nan")), fid.get("latents_max_abs_diff", float("nan"))
         row = (
             f"{name:<20}{ph['encode']:>9.1f}{ph['denoise']:>10.1f}{ph['decode']:>9.1f}"
-            f"{r['s_per_step']:>8.2f}{r['generate_s']:>9.1f}{r['peak'] / 2**30:>9.2f}"
+            f"{r['s_per_step']:>8.2f}{r['generate_s']:>9.1f}{r['weights_s']:>10.1f}"
+            f"{r['peak'] / 2**30:>9.2f}"
             f"{'-' if speed is None else f'{speed:.2f}':>8}{skipped:>8}"
             f"{db:>8.1f}{lat:>9.1e}"
         )
         if ref is not None:
-            row += f"{r['generate_s'] / results[ref]['generate_s']:>11.3f}"
+            rr = results[ref]
+            row += f"{r['generate_s'] / rr['generate_s']:>12.3f}"
+            row += f"{r['compute_s'] / rr['compute_s']:>14.3f}"
         lines.append(row)
     return "\n".join(lines)
 

@@ -136,6 +136,7 @@ def _generate(args) -> int:
     print(f"load: {pipe.load_seconds:.1f} s, peak {fmt_bytes(pipe.load_peak)}")
     for phase, seconds in video.timings.items():
         print(f"{phase}: {seconds:.1f} s, peak {fmt_bytes(video.peak_memory[phase])}")
+    print(f"of which reading weights: {video.weights_seconds:.1f} s")
     st = video.stats
     if "dit_forwards" in st:
         cfg = "batched" if st["cfg_batched"] else "sequential"

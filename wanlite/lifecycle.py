@@ -24,6 +24,7 @@ weights are quantized layer by layer while loading, never holding the full-preci
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,6 +96,7 @@ class Component:
         self.streamer: BlockStreamer | None = None
         self._compact: dict[str, torch.Tensor] | None = None
         self._in_ram = False
+        self.load_seconds = 0.0  # total time spent materializing weights (reads, casts, prep)
 
     def _skeleton(self, quant: str) -> nn.Module:
         with torch.device("meta"):
@@ -141,6 +143,7 @@ class Component:
         what streaming avoids -- the umT5 runs once per prompt, so this is its default."""
         if self.module is not None:
             return self.module
+        t0 = time.perf_counter()
         in_ram = self.quant != self.stored_quant and quantize
         module = self._skeleton(self.quant if in_ram else self.stored_quant)
         self._in_ram = in_ram
@@ -167,7 +170,21 @@ class Component:
                         self._compact[n] = p.data
             trim()
         self.module = module.eval().requires_grad_(False)
+        self.load_seconds += time.perf_counter() - t0
         return self.module
+
+    def resident_bytes(self) -> int:
+        """Bytes of weights this component holds now (the module's tensors and any quantized
+        copy kept in RAM; streamed blocks are not counted)."""
+        seen, total = set(), 0
+        tensors = [] if self.module is None else [*self.module.parameters(), *self.module.buffers()]
+        tensors += list((self._compact or {}).values())
+        for t in tensors:
+            if t.is_meta or t.untyped_storage().data_ptr() in seen:
+                continue
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+        return total
 
     def release(self) -> None:
         """Drop the module -- and weights quantized in RAM: offload is asked for to save memory,

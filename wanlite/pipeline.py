@@ -291,8 +291,9 @@ class Pipeline:
             seed,
         )
         plan = Plan.for_request(p, self.cfg)
+        held = sum(c.resident_bytes() for c in self.components.values())
         choice = planner.choose(
-            self.cfg, plan.latent_shape, self.options, self.device, self.dtype.itemsize
+            self.cfg, plan.latent_shape, self.options, self.device, self.dtype.itemsize, held
         )
         self.offload, self.vae_tiled = choice.offload, choice.tiled
         self.cfg_batched = choice.cfg_batched
@@ -304,6 +305,7 @@ class Pipeline:
             choice.estimate.peak / 2**30,
         )
         meter, timings = PeakMeter(self.device), {}
+        loading = sum(c.load_seconds for c in self.components.values())
 
         t0 = time.perf_counter()
         with meter.phase("encode"):
@@ -342,6 +344,7 @@ class Pipeline:
                 self._release("vae", self.offload)
             timings["decode"] = time.perf_counter() - t0
         video.timings = timings
+        video.weights_seconds = sum(c.load_seconds for c in self.components.values()) - loading
         video.stats = dict(self.stats)
         video.peak_memory = dict(meter.peaks)
         return video

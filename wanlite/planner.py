@@ -156,14 +156,19 @@ def choose(
     options: Options,
     device: torch.device,
     compute_bytes: int,
+    held: int = 0,
 ) -> Choice:
     """Offload mode, tiled decode and CFG batching for one request under the options' budget:
     the first (least offloaded, untiled) setting that fits; CFG is batched only if it still
-    fits with the doubled activations ("auto"), or as forced."""
+    fits with the doubled activations ("auto"), or as forced.
+
+    Without ``max_memory`` the budget is the memory available now plus ``held``, the bytes of
+    weights this pipeline already holds: the estimate counts them too, so without adding them
+    back a second call would see its own resident model as used memory and flip to offload."""
     budget = (
         parse_bytes(options.max_memory)
         if options.max_memory is not None
-        else available_memory(device)
+        else available_memory(device) + held
     )
     modes = ("none", "model", "blocks") if options.offload == "auto" else (options.offload,)
     tilings = {"on": (True,), "off": (False,), "auto": (False, True)}[options.vae_tiling]

@@ -74,6 +74,9 @@ class Video:
     latents: Any = None  # final fp32 latents [1, 16, F', h, w] (a torch.Tensor)
     path: Path | None = None  # set when the frames were streamed to a file
     stats: dict[str, Any] = field(default_factory=dict)  # DiT forwards run / skipped, CFG mode
+    # Of the phases' time, seconds spent reading and preparing weights: the first call's
+    # loading (``wanlite.load`` reads headers only), and every call's with offload on.
+    weights_seconds: float = 0.0
 
     @property
     def num_frames(self) -> int:
