@@ -9,9 +9,10 @@ from wanlite.cli import main
 
 
 def test_parse_modes():
-    modes = parse_modes("exact, compile,teacache:0.08,firstblock:0.1,cfg-skip:0.25")
+    modes = parse_modes("exact, exact:aten,compile,teacache:0.08,firstblock:0.1,cfg-skip:0.25")
     assert modes == {
         "exact": {},
+        "exact:aten": {"linear": "aten"},
         "compile": {"compile": True},
         "teacache:0.08": {"cache": "teacache", "cache_threshold": 0.08},
         "firstblock:0.1": {"cache": "firstblock", "cache_threshold": 0.1},

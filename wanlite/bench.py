@@ -2,11 +2,13 @@
 
 Each mode runs in its own process (so its peak memory is its own: CUDA max_memory_allocated,
 or peak RSS per phase on CPU), with the same request and seed.  Output: a table (per-phase
-seconds, s/step, peak memory, speed-up vs the exact mode, DiT forwards skipped, fidelity vs the
-exact mode: PSNR of the frames and max abs diff of the latents), a JSON file, and a PNG chart.
+seconds, s/step, seconds of weight reads inside the call, peak memory, speed-up vs the exact
+mode, DiT forwards skipped, fidelity vs the exact mode: PSNR of the frames and max abs diff of
+the latents), a JSON file, and a PNG chart.
 
-Modes are named ``exact``, ``compile``, ``teacache:<threshold>``, ``firstblock:<threshold>``,
-``cfg-skip:<fraction>``, joined by commas; ``benchmarks/bench_speed.py`` runs the same harness
+Modes are named ``exact`` (``exact:aten`` / ``exact:onednn`` force a linear backend),
+``compile``, ``teacache:<threshold>``, ``firstblock:<threshold>``, ``cfg-skip:<fraction>``,
+joined by commas; ``benchmarks/bench_speed.py`` runs the same harness
 next to diffusers' WanPipeline.
 """
 
@@ -34,6 +36,8 @@ def parse_modes(spec: str) -> dict[str, dict]:
         try:
             if kind == "exact" and not value:
                 modes[name] = {}
+            elif kind == "exact" and value in ("aten", "onednn"):  # a linear backend, forced
+                modes[name] = {"linear": value}
             elif kind == "compile" and not value:
                 modes[name] = {"compile": True}
             elif kind in ("teacache", "firstblock"):
@@ -44,7 +48,7 @@ def parse_modes(spec: str) -> dict[str, dict]:
                 raise ValueError
         except ValueError:
             raise ValueError(
-                f"unknown bench mode {name!r}: use exact, compile, teacache:<t>, "
+                f"unknown bench mode {name!r}: use exact, exact:aten, compile, teacache:<t>, "
                 "firstblock:<t> or cfg-skip:<fraction>"
             ) from None
     if not modes:
@@ -145,11 +149,12 @@ def _median(rs: list[dict], steps: int) -> dict:
         k: float(np.median([r["phase_seconds"][k] for r in rs])) for k in rs[0]["phase_seconds"]
     }
     out["generate_s"] = float(np.median([r["generate_s"] for r in rs]))
-    # Compute = the call minus its weight reads (wanlite reads weights at first use; a
-    # reference that loads everything before the call reports weights_s 0).
     out["load_s"] = float(np.median([r["load_s"] for r in rs]))
-    out["weights_s"] = float(np.median([r.get("weights_s", 0.0) for r in rs]))
-    out["compute_s"] = float(np.median([r["generate_s"] - r.get("weights_s", 0.0) for r in rs]))
+    # Seconds of the call spent reading weights (wanlite reads them at first use; None for a
+    # reference that does not report it).
+    w = [r["weights_s"] for r in rs if r.get("weights_s") is not None]
+    out["weights_s"] = float(np.median(w)) if w else None
+    out["weights_s_each"] = [r.get("weights_s") for r in rs]
     out["s_per_step"] = out["phase_seconds"]["denoise"] / steps
     out["peak"] = max(r["peak"] for r in rs)
     out["runs"] = len(rs)
@@ -188,7 +193,7 @@ def table(results: dict[str, dict], ref: str | None = None) -> str:
         f"{'PSNR dB':>8}{'lat diff':>9}"
     )
     if ref is not None:
-        head += f"{'total x ref':>12}{'compute x ref':>14}"
+        head += f"{'time x ref':>11}"
     lines = [head]
     for name, r in results.items():
         ph, fid, st = r["phase_seconds"], r.get("fidelity_vs_exact", {}), r.get("stats", {})
@@ -201,17 +206,19 @@ def table(results: dict[str, dict], ref: str | None = None) -> str:
         db, lat = fid.get("psnr_db", float("nan")), fid.get("latents_max_abs_diff", float("nan"))
         row = (
             f"{name:<20}{ph['encode']:>9.1f}{ph['denoise']:>10.1f}{ph['decode']:>9.1f}"
-            f"{r['s_per_step']:>8.2f}{r['generate_s']:>9.1f}{r['weights_s']:>10.1f}"
+            f"{r['s_per_step']:>8.2f}{r['generate_s']:>9.1f}{_num(r.get('weights_s')):>10}"
             f"{r['peak'] / 2**30:>9.2f}"
             f"{'-' if speed is None else f'{speed:.2f}':>8}{skipped:>8}"
             f"{db:>8.1f}{lat:>9.1e}"
         )
         if ref is not None:
-            rr = results[ref]
-            row += f"{r['generate_s'] / rr['generate_s']:>12.3f}"
-            row += f"{r['compute_s'] / rr['compute_s']:>14.3f}"
+            row += f"{r['generate_s'] / results[ref]['generate_s']:>11.3f}"
         lines.append(row)
     return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
 
 
 def _pyplot():
@@ -288,7 +295,16 @@ def main(args) -> int:
     return 0
 
 
-_BASE_OPTIONS = ("device", "dtype", "attention", "quant", "offload", "max_memory", "vae_tiling")
+_BASE_OPTIONS = (
+    "device",
+    "dtype",
+    "attention",
+    "quant",
+    "offload",
+    "max_memory",
+    "vae_tiling",
+    "linear",
+)
 
 
 def _worker(argv: list[str]) -> None:

@@ -56,6 +56,7 @@ def add_runtime_options(p) -> None:
     p.add_argument("--cache", default="off", help="off | teacache | firstblock (not exact)")
     p.add_argument("--cache-threshold", type=float, default=None, help="step-cache threshold")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT block")
+    p.add_argument("--linear", default="auto", help="auto | aten | onednn (DiT block GEMMs)")
 
 
 def runtime_options(args) -> dict:
@@ -72,6 +73,7 @@ def runtime_options(args) -> dict:
         cache=args.cache,
         cache_threshold=args.cache_threshold,
         compile=args.compile,
+        linear=args.linear,
     )
 
 
@@ -108,7 +110,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--repeat", type=int, default=1, help="runs per mode; medians are reported")
-    for flag in ("device", "dtype", "attention", "quant", "offload", "max-memory", "vae-tiling"):
+    flags = ("device", "dtype", "attention", "quant", "offload", "max-memory", "vae-tiling")
+    for flag in (*flags, "linear"):
         p.add_argument("--" + flag, default=None, help="as for generate")
 
 

@@ -290,6 +290,9 @@ class Options:
     cfg_skip_last: fraction of the last steps that skip the unconditional pass (0 = never).
     cache / cache_threshold: step caching (see ``wanlite.stepcache``); "off" is exact.
     compile: torch.compile the repeated DiT block (first call pays the compile time).
+    linear: kernels of the DiT blocks' linear layers: "aten" (torch's GEMM), "onednn" (fp32
+        weights packed once for oneDNN, bias and GELU fused: CPU, resident fp32 blocks only),
+        or "auto" (onednn where it applies, else aten; see ``wanlite.quant``).
     """
 
     device: str = "auto"
@@ -305,6 +308,7 @@ class Options:
     cache: str = "off"  # "off" | "teacache" | "firstblock"
     cache_threshold: float | None = None  # None = the mode's default
     compile: bool = False
+    linear: str = "auto"  # "auto" | "aten" | "onednn"
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -317,6 +321,7 @@ class Options:
             ("cfg_batch", ("auto", "on", "off")),
             ("cache", ("off", "teacache", "firstblock")),
             ("compile", (False, True)),
+            ("linear", ("auto", "aten", "onednn")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

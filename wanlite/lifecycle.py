@@ -38,7 +38,7 @@ from .attention import resolve_name
 from .loading import check_keys, weight_files
 from .memory import trim
 from .offload import BlockStreamer, RowEmbedding, cast, materialize
-from .quant import QLinear, quantize, quantize_weight
+from .quant import QLinear, pack_linears, quantize, quantize_weight, resolve_linear
 from .tensorstore import TensorStore
 
 log = logging.getLogger(__name__)
@@ -111,12 +111,15 @@ class Component:
             return self._compact[name]
         return self.store.get(self.names[name])
 
-    def _quantize_into_ram(self, skeleton: nn.Module) -> None:
-        """Quantize layer by layer from the store; keep only the compact tensors."""
+    def _quantize_into_ram(self, skeleton: nn.Module, skip: str | None = None) -> None:
+        """Quantize layer by layer from the store; keep only the compact tensors (none for the
+        module ``skip``, whose rows are read on demand)."""
         compact = {}
         qlayers = {n for n, m in skeleton.named_modules() if isinstance(m, QLinear)}
         for name, _ in skeleton.named_parameters():
             layer, _, attr = name.rpartition(".")
+            if skip is not None and layer == skip:
+                continue
             if layer in qlayers and attr == "weight":
                 w, s = quantize_weight(self.store.get(self.names[layer + ".weight"]), self.quant)
                 compact[name], compact[layer + ".weight_scale"] = w, s
@@ -148,7 +151,7 @@ class Component:
         module = self._skeleton(self.quant if in_ram else self.stored_quant)
         self._in_ram = in_ram
         if in_ram and self._compact is None:
-            self._quantize_into_ram(module)
+            self._quantize_into_ram(module, skip=row_embedding)
             trim()  # the full-precision temporaries are gone: return their pages
         names = {n: n for n, _ in module.named_parameters()}
         if stream_blocks:
@@ -180,6 +183,9 @@ class Component:
         tensors = [] if self.module is None else [*self.module.parameters(), *self.module.buffers()]
         tensors += list((self._compact or {}).values())
         for t in tensors:
+            if t.is_mkldnn:  # packed weights (quant.PackedLinear): opaque, no storage
+                total += t.numel() * t.element_size()
+                continue
             if t.is_meta or t.untyped_storage().data_ptr() in seen:
                 continue
             seen.add(t.untyped_storage().data_ptr())
@@ -211,6 +217,9 @@ def _materialize_rest(module, names, source, device, dtype, fp32) -> None:
 def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
     quant = options.quant
     attention = resolve_name(options.attention)  # "auto" is decided (and logged) once, here
+    fits = quant == "none" and not options.compile and options.offload != "blocks"
+    linear = resolve_linear(options.linear, device, dtype, fits)  # once, here too
+    log.info("DiT block linears (%s): %s", options.linear, linear)
     return {
         "text_encoder": Component(
             "text_encoder",
@@ -232,7 +241,7 @@ def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
             quant=quant,
             keep=dit_quant_keep,
             fp32=dit_mod.keep_in_fp32,
-            prepare=lambda m, streamed: _prepare_dit(m, streamed, options),
+            prepare=lambda m, streamed: _prepare_dit(m, streamed, options, linear),
         ),
         "vae": Component(
             "vae",
@@ -245,10 +254,14 @@ def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
     }
 
 
-def _prepare_dit(module: dit_mod.WanDiT, streamed: bool, options) -> None:
-    """Fused q/k/v projections when the blocks are resident (streamed blocks are read as
-    stored); torch.compile of the repeated block when asked for."""
-    if not streamed:
+def _prepare_dit(module: dit_mod.WanDiT, streamed: bool, options, linear: str) -> None:
+    """When the blocks are resident (streamed blocks are used as stored): their fp32 weights
+    packed for oneDNN (``linear="onednn"``, CPU), else fused q/k/v projections; torch.compile
+    of the repeated block when asked for."""
+    if not streamed and linear == "onednn":
+        # A pre-quantized checkpoint's QLinear layers are left as they are (not nn.Linear).
+        pack_linears(module.blocks, gelu_after=lambda name: name.endswith(".ffn.0"))
+    elif not streamed:
         dit_mod.fuse_projections(module)
     if options.compile:
         dit_mod.compile_blocks(module)

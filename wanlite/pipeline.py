@@ -130,13 +130,17 @@ class Pipeline:
 
     def _acquire(self, name: str, offload: str) -> torch.nn.Module:
         # The umT5 is streamed whenever offload is on (it runs once per new prompt, so reading
-        # its layers as it goes costs little); the DiT only in "blocks" mode.
+        # its layers as it goes costs little); the DiT only in "blocks" mode.  The umT5's token
+        # embedding (256k x 4096: 4 GiB in fp32) is never read whole: a prompt needs only its
+        # own rows, read from the checkpoint on demand (exact, and a few KB per new prompt).
         streamed = (name == "text_encoder" and offload != "none") or (
             name == "transformer" and offload == "blocks"
         )
-        rows = "token_embedding" if streamed and name == "text_encoder" else None
+        rows = "token_embedding" if name == "text_encoder" else None
         return self.components[name].acquire(
-            stream_blocks=streamed, row_embedding=rows, quantize=rows is None
+            stream_blocks=streamed,
+            row_embedding=rows,
+            quantize=not (streamed and name == "text_encoder"),
         )
 
     def _release(self, name: str, offload: str) -> None:

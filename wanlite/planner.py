@@ -4,9 +4,10 @@ mode and VAE tiling that fits a budget.
 The estimate (bytes) for each phase is weights resident + activations + a fixed runtime base:
 
 - weights: parameter counts from the config times bytes per stored parameter (int8 / fp8: 1,
-  otherwise the compute dtype; kept layers and the VAE in fp32).  With offload on, the umT5 keeps
-  two layers resident (the one running and the one prefetched) and reads only the prompt's rows
-  of the token embedding; ``offload="blocks"`` does the same for the DiT's blocks.
+  otherwise the compute dtype; kept layers and the VAE in fp32).  The umT5 reads only the
+  prompt's rows of its token embedding, always.  With offload on, it keeps two layers resident
+  (the one running and the one prefetched); ``offload="blocks"`` does the same for the DiT's
+  blocks.
 - DiT activations, per forward with L tokens of width D (ffn width F, compute bytes s): the fp32
   residual stream and its modulated copy, q/k/v/attention output (~8 L D 4), and the FFN
   intermediate before and after GELU for one chunk of tokens (2 min(L, chunk) F s).  SDPA keeps
@@ -102,12 +103,13 @@ def estimate(
     blocks_lin, dit_other = dit_params(cfg)
     per_block = blocks_lin // cfg.dit.num_layers
     dit_w = (2 * per_block if offload == "blocks" else blocks_lin) * qb + dit_other * 4
-    layer, emb = t5_params(cfg)
+    layer, _ = t5_params(cfg)
     t = cfg.t5
-    if offload != "none":  # streamed: two layers (cast to the compute dtype) + rows
-        t5_w = 2 * layer * compute_bytes + 2 * prompt_tokens * t.d_model * 4
+    rows = 2 * prompt_tokens * t.d_model * 4  # the token embedding's rows, read on demand
+    if offload != "none":  # streamed: two layers (cast to the compute dtype)
+        t5_w = 2 * layer * compute_bytes + rows
     else:
-        t5_w = (t.num_layers * layer) * qb + emb * compute_bytes
+        t5_w = (t.num_layers * layer) * qb + rows
     n = 2 * prompt_tokens
     t5_act = 8 * n * t.d_model * 4 + 2 * t.num_heads * prompt_tokens**2 * 4
     t5_act += 3 * prompt_tokens * t.d_ff * 4

@@ -166,3 +166,75 @@ def fused_linear(x, weight, scale, bias, sizes: list[int]) -> list[torch.Tensor]
     if bias is not None:
         y = y + bias.to(x.dtype)
     return list(y.split(sizes, dim=-1))
+
+
+# --- packed fp32 weights for oneDNN (CPU) ------------------------------------------------------
+# On CPU, the fp32 GEMMs of the DiT run faster from weights re-laid-out once into oneDNN's
+# blocked format (what inductor's CPU "freezing" does) than through MKL's sgemm, which re-packs
+# them on every call: measured 0.92x of the step time at 1.3B, 192 tokens, batch 2.  Exact
+# arithmetic in fp32 (only the summation order differs: ~1e-6 relative).  The bias and, for
+# the FFN's first layer, the tanh-GELU run inside the same kernel as post-ops.
+
+LINEAR_BACKENDS = ("auto", "aten", "onednn")
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def resolve_linear(name: str, device: torch.device, dtype: torch.dtype, fits: bool) -> str:
+    """The linear backend for the DiT's resident fp32 blocks.  ``fits``: the blocks are resident
+    in full precision (no quantization, no streaming, no torch.compile), so packing applies."""
+    if name not in LINEAR_BACKENDS:
+        raise ValueError(f"linear must be one of {LINEAR_BACKENDS}, got {name!r}")
+    usable = device.type == "cpu" and dtype == torch.float32 and fits
+    if name == "onednn":
+        if not onednn_available():
+            raise RuntimeError("linear='onednn' needs a torch build with oneDNN (mkldnn)")
+        if not usable:
+            raise ValueError(
+                "linear='onednn' packs resident fp32 CPU weights: it needs device cpu, dtype "
+                "float32, quant none, offload other than 'blocks' and compile off"
+            )
+        return name
+    if name == "auto" and usable and onednn_available():
+        return "onednn"
+    return "aten"
+
+
+class PackedLinear(nn.Module):
+    """A linear layer whose fp32 weight is held in oneDNN's packed layout (not a state-dict
+    tensor any more: the module is built from a loaded ``nn.Linear`` for inference only).
+    ``gelu_tanh``: apply tanh-GELU to the output in the same kernel."""
+
+    def __init__(self, lin: nn.Linear, gelu_tanh: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        w = lin.weight.detach().float()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 0)
+        self.bias = None if lin.bias is None else lin.bias.detach().float()
+        self.post = ("gelu", "tanh") if gelu_tanh else ("none", "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attr, algorithm = self.post
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, attr, [], algorithm)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, packed=onednn, post={self.post[0]}"
+
+
+def pack_linears(model: nn.Module, gelu_after: Callable[[str], bool] = lambda n: False) -> None:
+    """Swap every ``nn.Linear`` of ``model`` for a ``PackedLinear`` (in place), one at a time so
+    that only one layer is held twice.  ``gelu_after(name)``: the layer is followed by a tanh
+    ``nn.GELU``, which is fused into it and replaced by ``nn.Identity``."""
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear]  # names only: a
+    for name in names:  # list of the modules would keep every dense weight alive to the end
+        parent, _, attr = name.rpartition(".")
+        holder = model.get_submodule(parent) if parent else model
+        fuse = gelu_after(name)
+        setattr(holder, attr, PackedLinear(getattr(holder, attr), gelu_tanh=fuse))
+        if fuse:
+            gelu = holder[int(attr) + 1]
+            if not (isinstance(gelu, nn.GELU) and gelu.approximate == "tanh"):
+                raise ValueError(f"{name} is not followed by a tanh GELU")
+            holder[int(attr) + 1] = nn.Identity()
