@@ -84,3 +84,16 @@ def test_row_embedding_reads_only_the_rows_asked_for():
     ids = torch.tensor([[5, 7, 5, 0]])
     assert torch.equal(emb(ids), table[ids])
     assert asked == [[0, 5, 7]]
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_token_embedding_is_read_by_rows_even_when_resident(tiny_checkpoint, quant):
+    """umT5's token embedding (4 GiB in fp32 at full size) is never read whole: a prompt's rows
+    are read on demand, with offload off too, and the int8 copy in RAM leaves it out."""
+    pipe = wanlite.load(str(tiny_checkpoint), device="cpu", offload="none", quant=quant)
+    t5 = pipe.components["text_encoder"]
+    assert isinstance(t5.module.token_embedding, RowEmbedding)
+    assert not any(k.startswith("token_embedding") for k in t5._compact or {})
+    vocab = pipe.cfg.t5.vocab_size
+    held = [*t5.module.parameters(), *(t5._compact or {}).values()]
+    assert not any(vocab in t.shape for t in held)  # no [vocab, d_model] table in RAM
