@@ -66,11 +66,10 @@ def main() -> None:
     base = dict(device="cpu", dtype="float32", embed_cache=False)
     ref_job = [__file__, "--worker", *sys.argv[1:], "--out", str(tmp / "diffusers.npz")]
     jobs = {"diffusers-fp32": ref_job} | mode_jobs(path, params, parse_modes(a.modes), tmp, base)
-    rows = run_jobs(jobs, a.steps, a.repeat)
-    ref = rows.pop("diffusers-fp32")
-    exact = next(iter(rows))
-    add_fidelity(rows, exact)
-    res = rows
+    res = run_jobs(jobs, a.steps, a.repeat)
+    ref = res.pop("diffusers-fp32")
+    exact = next(iter(res))
+    add_fidelity(res, exact)
     vs_diffusers = compare(tmp / "diffusers.npz", Path(res[exact]["npz"]))
     ref["fidelity_vs_exact"] = vs_diffusers
     rows = {"diffusers-fp32": ref, **res}
