@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from wanlite.configs import FULL, TINY, Options, parse_bytes
+from wanlite.configs import FULL, TINY
+from wanlite.options import Options, parse_bytes
 from wanlite.planner import choose, dit_params, estimate, t5_params
 
 FULL_480P = (16, 21, 60, 104)  # 832x480x81

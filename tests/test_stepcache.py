@@ -5,8 +5,9 @@ import torch
 
 import wanlite
 from wanlite import stepcache
-from wanlite.configs import TINY, Options
+from wanlite.configs import TINY
 from wanlite.dit import WanDiT
+from wanlite.options import Options
 from wanlite.random_checkpoint import random_state_dict
 
 

@@ -6,7 +6,7 @@ video = pipe.generate(prompt="a red fox running through snow", seed=42)
 video.save("fox.mp4")
 """
 
-from .configs import Options
+from .options import Options
 from .params import GenerationParams, json_schema, validate
 from .video import Video
 

@@ -263,6 +263,7 @@ def chart(results: dict[str, dict], path: Path, title: str) -> Path:
 def main(args) -> int:
     """The ``wanlite bench`` command (arguments from ``cli``)."""
     from .loading import resolve_model
+    from .options import runtime_options
     from .params import validate
 
     modes = parse_modes(args.modes)
@@ -279,7 +280,7 @@ def main(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = str(resolve_model(args.model))
-    base = {k: v for k, v in vars(args).items() if k in _BASE_OPTIONS and v is not None}
+    base = runtime_options(args)  # only the flags that were given
     base["embed_cache"] = False  # every mode encodes its prompts: same work in every row
     results = run_modes(model, params, modes, out, base, args.repeat)
     title = (
@@ -293,18 +294,6 @@ def main(args) -> int:
     print(f"wrote {out / 'bench.json'} and {png}")
     print(json.dumps({"params": params, "results": results}))
     return 0
-
-
-_BASE_OPTIONS = (
-    "device",
-    "dtype",
-    "attention",
-    "quant",
-    "offload",
-    "max_memory",
-    "vae_tiling",
-    "linear",
-)
 
 
 def _worker(argv: list[str]) -> None:

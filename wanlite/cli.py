@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from . import server
+from .options import add_runtime_options, runtime_options
 from .params import FIELDS, json_schema, validate
-
-DEFAULT_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+from .paths import DEFAULT_MODEL
 
 
 def _add_generate(sub) -> None:
@@ -36,45 +36,6 @@ def _add_generate(sub) -> None:
         )
     add_runtime_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-
-
-def add_runtime_options(p) -> None:
-    """The ``wanlite.Options`` flags, shared by ``generate`` and ``serve``."""
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument(
-        "--attention", default="auto", help="auto | sdpa | math | flash_attn | sage | xformers"
-    )
-    p.add_argument("--quant", default="none", help="none | int8 | fp8 (DiT and umT5 blocks)")
-    p.add_argument("--offload", default="auto", help="auto | none | model | blocks")
-    p.add_argument("--max-memory", default=None, help="memory budget for auto, e.g. 6GB")
-    p.add_argument("--vae-tiling", default="auto", help="auto | on | off")
-    p.add_argument("--cfg-batch", default="auto", help="auto | on | off (CFG passes as a batch)")
-    p.add_argument(
-        "--cfg-skip-last", type=float, default=0.0, help="skip the negative pass on this fraction"
-    )
-    p.add_argument("--cache", default="off", help="off | teacache | firstblock (not exact)")
-    p.add_argument("--cache-threshold", type=float, default=None, help="step-cache threshold")
-    p.add_argument("--compile", action="store_true", help="torch.compile the DiT block")
-    p.add_argument("--linear", default="auto", help="auto | aten | onednn (DiT block GEMMs)")
-
-
-def runtime_options(args) -> dict:
-    return dict(
-        device=args.device,
-        dtype=args.dtype,
-        attention=args.attention,
-        quant=args.quant,
-        offload=args.offload,
-        max_memory=args.max_memory,
-        vae_tiling=args.vae_tiling,
-        cfg_batch=args.cfg_batch,
-        cfg_skip_last=args.cfg_skip_last,
-        cache=args.cache,
-        cache_threshold=args.cache_threshold,
-        compile=args.compile,
-        linear=args.linear,
-    )
 
 
 def _add_quantize(sub) -> None:
@@ -110,9 +71,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--repeat", type=int, default=1, help="runs per mode; medians are reported")
-    flags = ("device", "dtype", "attention", "quant", "offload", "max-memory", "vae-tiling")
-    for flag in (*flags, "linear"):
-        p.add_argument("--" + flag, default=None, help="as for generate")
+    add_runtime_options(p, defaults=False)
 
 
 def _bench(args) -> int:

@@ -1,14 +1,16 @@
-"""Architecture configs (frozen dataclasses) and runtime options.
+"""Architecture configs (frozen dataclasses): *what the checkpoint is*.
 
-Architecture configs describe *what the checkpoint is*; they are read from the diffusers
-``config.json`` of each component and can be written back in that format (the random-checkpoint
-writer does).  Runtime choices (device, dtype, attention backend, ...) live in ``Options``.
+They are read from the diffusers ``config.json`` of each component (``read_model_config``) and
+can be written back in that format (the random-checkpoint writer does).  Runtime choices
+(device, dtype, attention backend, ...) live in ``wanlite.options``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # Per-channel latent statistics of the Wan2.1 VAE (constants of the trained model).
 LATENTS_MEAN = (
@@ -271,97 +273,25 @@ MICRO = ModelConfig(
 SIZES = {"micro": MICRO, "tiny": TINY, "full": FULL}
 
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
-_DTYPES.update({"float16": "float16", "fp16": "float16"})
+def read_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
 
 
-@dataclass(frozen=True)
-class Options:
-    """Runtime choices, independent of the checkpoint.
-
-    device: "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", ...
-    dtype: compute dtype of the DiT and the text encoder; "auto" = fp32 on CPU (bf16 matmuls
-        are several times slower than fp32 on CPUs without bf16 units), bf16 on CUDA (fp16 on
-        GPUs without bf16).  The VAE always computes in fp32.
-    attention: attention backend name, or "auto" (see ``wanlite.attention``).
-    quant / offload / max_memory / vae_tiling / embed_cache: memory (see README "Low memory").
-    cfg_batch: run the conditional and unconditional passes as one batch of 2 ("on"), as two
-        forwards ("off"), or batched when the planner's estimate fits the budget ("auto").
-    cfg_skip_last: fraction of the last steps that skip the unconditional pass (0 = never).
-    cache / cache_threshold: step caching (see ``wanlite.stepcache``); "off" is exact.
-    compile: torch.compile the repeated DiT block (first call pays the compile time).
-    linear: kernels of the DiT blocks' linear layers: "aten" (torch's GEMM), "onednn" (fp32
-        weights packed once for oneDNN, bias and GELU fused: CPU, resident fp32 blocks only),
-        or "auto" (onednn where it applies, else aten; see ``wanlite.quant``).
-    """
-
-    device: str = "auto"
-    dtype: str = "auto"
-    attention: str = "auto"
-    quant: str = "none"  # "none" | "int8" | "fp8": DiT and umT5 block linears (see quant.py)
-    offload: str = "auto"  # "none" | "model" | "blocks" | "auto" (from max_memory)
-    max_memory: str | int | None = None  # budget for "auto", e.g. "6GB"; None = what is free
-    vae_tiling: str = "auto"  # "auto" | "on" | "off"
-    embed_cache: bool = True  # cache prompt embeddings on disk (keyed by model and prompt)
-    cfg_batch: str = "auto"  # "auto" | "on" | "off"
-    cfg_skip_last: float = 0.0  # in [0, 1)
-    cache: str = "off"  # "off" | "teacache" | "firstblock"
-    cache_threshold: float | None = None  # None = the mode's default
-    compile: bool = False
-    linear: str = "auto"  # "auto" | "aten" | "onednn"
-
-    def __post_init__(self):
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            choices = ["auto", *sorted(_DTYPES)]
-            raise ValueError(f"dtype must be one of {choices}, got {self.dtype!r}")
-        for name, allowed in (
-            ("quant", ("none", "int8", "fp8")),
-            ("offload", ("none", "model", "blocks", "auto")),
-            ("vae_tiling", ("auto", "on", "off")),
-            ("cfg_batch", ("auto", "on", "off")),
-            ("cache", ("off", "teacache", "firstblock")),
-            ("compile", (False, True)),
-            ("linear", ("auto", "aten", "onednn")),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.max_memory is not None:
-            parse_bytes(self.max_memory)
-        if not isinstance(self.cfg_skip_last, int | float) or not 0 <= self.cfg_skip_last < 1:
-            raise ValueError(f"cfg_skip_last must be in [0, 1), got {self.cfg_skip_last!r}")
-        t = self.cache_threshold
-        if t is not None and (not isinstance(t, int | float) or isinstance(t, bool) or t < 0):
-            raise ValueError(f"cache_threshold must be a number >= 0, got {t!r}")
-
-    def resolve_device(self):
-        import torch
-
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {self.device!r} was asked for but CUDA is not available")
-        return dev
-
-    def resolve_dtype(self, device):
-        import torch
-
-        if self.dtype != "auto":
-            return getattr(torch, _DTYPES[self.dtype])
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-
-
-def parse_bytes(value: str | int) -> int:
-    """ "6GB", "6 GiB", "512MB", 123 -> bytes (GB and GiB both mean 2**30 here)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    text = str(value).strip().upper().replace(" ", "").removesuffix("B").removesuffix("I")
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(float(text))
-    except ValueError:
-        raise ValueError(f"max_memory must look like '6GB' or '512MB', got {value!r}") from None
+def read_model_config(path: Path) -> ModelConfig:
+    """The architecture of the diffusers-layout checkpoint folder ``path``, checked for
+    consistency between its components."""
+    path = Path(path)
+    cfg = ModelConfig(
+        dit=DiTConfig.from_diffusers(read_json(path / "transformer" / "config.json")),
+        t5=T5Config.from_diffusers(read_json(path / "text_encoder" / "config.json")),
+        vae=VAEConfig.from_diffusers(read_json(path / "vae" / "config.json")),
+        scheduler=SchedulerConfig.from_diffusers(
+            read_json(path / "scheduler" / "scheduler_config.json")
+        ),
+    )
+    if cfg.t5.d_model != cfg.dit.text_dim:
+        raise ValueError(f"text encoder width {cfg.t5.d_model} != DiT text_dim {cfg.dit.text_dim}")
+    if cfg.vae.z_dim != cfg.dit.in_channels:
+        raise ValueError(f"VAE z_dim {cfg.vae.z_dim} != DiT in_channels {cfg.dit.in_channels}")
+    return cfg

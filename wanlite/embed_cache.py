@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .loading import cache_dir
+from .paths import cache_dir
 
 log = logging.getLogger(__name__)
 MEMORY_ENTRIES = 64

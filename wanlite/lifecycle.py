@@ -284,8 +284,8 @@ def quantize_checkpoint(src: Path, out: Path, mode: str, shard_bytes: int = 2 * 
 
     from safetensors.torch import save_file
 
-    from .configs import Options
-    from .pipeline import read_model_config
+    from .configs import read_model_config
+    from .options import Options
 
     if mode not in ("int8", "fp8"):
         raise ValueError(f"quant must be 'int8' or 'fp8', got {mode!r}")

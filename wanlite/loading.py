@@ -8,24 +8,18 @@ else is an error naming the file and the keys, never a silently random or missin
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from .configs import read_json
 from .tensorstore import TensorStore
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("WANLITE_CACHE", Path.home() / ".cache" / "wanlite"))
 
 
 def resolve_model(model: str) -> Path:
@@ -57,11 +51,6 @@ def _download(repo_id: str) -> Path:
             "Offline? Point --model at a local folder in the diffusers layout (model_index.json, "
             "transformer/, text_encoder/, tokenizer/, vae/, scheduler/), or try random:tiny."
         ) from e
-
-
-def read_json(path: Path) -> dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 def weight_files(folder: Path) -> list[Path]:

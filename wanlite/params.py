@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 MAX_SEED = 2**63 - 1  # fits SQLite INTEGER and torch.Generator.manual_seed
+MODEL_ID = "wan-ai-wan2-1-t2v-1-3b-diffusers"  # the hosted API's id for this model
 
 
 @dataclass(frozen=True)

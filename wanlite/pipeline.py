@@ -29,12 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import planner, stepcache
-from .configs import DiTConfig, ModelConfig, Options, SchedulerConfig, T5Config, VAEConfig
+from .configs import ModelConfig, read_model_config
 from .embed_cache import EmbeddingCache
 from .lifecycle import components
-from .loading import read_json, resolve_model
+from .loading import resolve_model
 from .memory import PeakMeter
+from .options import Options
 from .params import GenerationParams, validate
+from .paths import DEFAULT_MODEL
 from .scheduler import timesteps_and_sigmas, unipc_init, unipc_step
 from .tiling import iter_decode_tiled
 from .tokenizer import Tokenizer, clean_prompt
@@ -68,22 +70,6 @@ class Plan:
         vs = cfg.vae.spatial_stride
         shape = (cfg.dit.in_channels, (f - 1) // ts + 1, h // vs, w // vs)
         return cls(h, w, f, shape)
-
-
-def read_model_config(path: Path) -> ModelConfig:
-    cfg = ModelConfig(
-        dit=DiTConfig.from_diffusers(read_json(path / "transformer" / "config.json")),
-        t5=T5Config.from_diffusers(read_json(path / "text_encoder" / "config.json")),
-        vae=VAEConfig.from_diffusers(read_json(path / "vae" / "config.json")),
-        scheduler=SchedulerConfig.from_diffusers(
-            read_json(path / "scheduler" / "scheduler_config.json")
-        ),
-    )
-    if cfg.t5.d_model != cfg.dit.text_dim:
-        raise ValueError(f"text encoder width {cfg.t5.d_model} != DiT text_dim {cfg.dit.text_dim}")
-    if cfg.vae.z_dim != cfg.dit.in_channels:
-        raise ValueError(f"VAE z_dim {cfg.vae.z_dim} != DiT in_channels {cfg.dit.in_channels}")
-    return cfg
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -401,6 +387,6 @@ class Branches:
         return {"dit_forwards": self.forwards, "dit_forwards_skipped": self.skipped}
 
 
-def load(model: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", **options) -> Pipeline:
+def load(model: str = DEFAULT_MODEL, **options) -> Pipeline:
     """Load a checkpoint (local diffusers-layout folder, hub id, or ``random:tiny``)."""
     return Pipeline(resolve_model(model), Options(**options))

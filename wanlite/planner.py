@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .configs import ModelConfig, Options, parse_bytes
+from .configs import ModelConfig
+from .options import Options, parse_bytes
 
 log = logging.getLogger(__name__)
 

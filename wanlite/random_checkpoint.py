@@ -180,7 +180,7 @@ def ensure_random_checkpoint(size: str, t5_layers: int | None = None, seed: int 
     import shutil
     import tempfile
 
-    from .loading import cache_dir
+    from .paths import cache_dir
 
     cfg = checkpoint_config(size, t5_layers)
     layers = f"-t5x{cfg.t5.num_layers}" if t5_layers is not None else ""

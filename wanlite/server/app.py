@@ -43,9 +43,9 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from wanlite.params import FIELDS_BY_NAME, json_schema, validate
+from wanlite.params import FIELDS_BY_NAME, MODEL_ID, json_schema, validate
+from wanlite.paths import DEFAULT_MODEL
 
-from .cli import DEFAULT_CHECKPOINT, DEFAULT_MODEL_ID
 from .guard import RESULT_RE, ApiError, Guard, error_response, read_body
 from .store import STATUSES, TERMINAL, QueueFull, Store
 from .worker import COMPLETED, EventHub, Worker, result_path, terminal_events
@@ -58,8 +58,8 @@ KEEPALIVE_SECONDS = 15.0
 
 @dataclass
 class ServerConfig:
-    model: str = DEFAULT_CHECKPOINT  # what wanlite.load() gets
-    model_id: str = DEFAULT_MODEL_ID  # the id clients send as "model"
+    model: str = DEFAULT_MODEL  # what wanlite.load() gets
+    model_id: str = MODEL_ID  # the id clients send as "model"
     data_dir: Path = Path("wanlite-data")
     api_key: str | None = None
     max_queue: int = 64  # generations waiting (not counting the running one)

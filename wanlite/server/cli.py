@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-DEFAULT_MODEL_ID = "wan-ai-wan2-1-t2v-1-3b-diffusers"  # the hosted API's id for this model
+from ..options import Options, add_runtime_options, runtime_options
+from ..params import MODEL_ID
+from ..paths import DEFAULT_MODEL
 
 
 class JsonFormatter(logging.Formatter):
@@ -57,9 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="serve the hosted video API locally (sync, async queue, SSE)",
         description="Serve the hosted API's video endpoints from one local model.",
     )
-    p.add_argument(
-        "--model", default=DEFAULT_CHECKPOINT, help="local folder, hub id, or random:tiny"
-    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="local folder, hub id, or random:tiny")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
@@ -74,8 +73,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model-id",
-        default=DEFAULT_MODEL_ID,
-        help=f"model id that clients send (default {DEFAULT_MODEL_ID})",
+        default=MODEL_ID,
+        help=f"model id that clients send (default {MODEL_ID})",
     )
     p.add_argument(
         "--max-queue",
@@ -88,9 +87,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="base of result URLs, e.g. behind a proxy (default: the request's host)",
     )
-    from ..cli import add_runtime_options  # the same runtime flags as `wanlite generate`
-
-    add_runtime_options(p)
+    add_runtime_options(p)  # the same runtime flags as `wanlite generate`
     p.add_argument(
         "--threads", type=int, default=0, help="CPU threads for the model (default: torch's)"
     )
@@ -105,9 +102,6 @@ def run(args: argparse.Namespace) -> int:
     if args.max_queue < 1:
         print("error: --max-queue must be at least 1", file=sys.stderr)
         return 2
-    from ..cli import runtime_options
-    from ..configs import Options
-
     try:
         Options(**runtime_options(args))  # a bad flag is one line now, not a failed /ready later
     except ValueError as e:

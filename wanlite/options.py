@@ -1,0 +1,209 @@
+"""Runtime options: how to run a checkpoint (device, dtype, attention, memory, speed modes).
+
+``Options`` is independent of the checkpoint (that is ``wanlite.configs``).  The command-line
+flags of ``wanlite generate`` and ``wanlite serve`` are made here from one table (``FLAGS``), so
+a new option is added in one place.  Light on purpose: torch is imported only to resolve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+_DTYPES.update({"float16": "float16", "fp16": "float16"})
+
+
+@dataclass(frozen=True)
+class Options:
+    """Runtime choices, independent of the checkpoint.
+
+    device: "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", ...
+    dtype: compute dtype of the DiT and the text encoder; "auto" = bf16 where the hardware
+        multiplies bf16 natively, else fp32 on CPU (bf16 is emulated, slower than fp32, on CPUs
+        without AMX-BF16 / AVX512-BF16) and fp16 on CUDA (GPUs before sm80 have no bf16 units);
+        see ``cpu_bf16_feature`` and ``cuda_auto_dtype``.  The VAE always computes in fp32.
+    attention: attention backend name, or "auto" (see ``wanlite.attention``).
+    quant / offload / max_memory / vae_tiling / embed_cache: memory (see README "Low memory").
+    cfg_batch: run the conditional and unconditional passes as one batch of 2 ("on"), as two
+        forwards ("off"), or batched when the planner's estimate fits the budget ("auto").
+    cfg_skip_last: fraction of the last steps that skip the unconditional pass (0 = never).
+    cache / cache_threshold: step caching (see ``wanlite.stepcache``); "off" is exact.
+    compile: torch.compile the repeated DiT block (first call pays the compile time).
+    linear: kernels of the DiT blocks' linear layers: "aten" (torch's GEMM), "onednn" (fp32
+        weights packed once for oneDNN, bias and GELU fused: CPU, resident fp32 blocks only),
+        or "auto" (onednn where it applies, else aten; see ``wanlite.quant``).
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    attention: str = "auto"
+    quant: str = "none"  # "none" | "int8" | "fp8": DiT and umT5 block linears (see quant.py)
+    offload: str = "auto"  # "none" | "model" | "blocks" | "auto" (from max_memory)
+    max_memory: str | int | None = None  # budget for "auto", e.g. "6GB"; None = what is free
+    vae_tiling: str = "auto"  # "auto" | "on" | "off"
+    embed_cache: bool = True  # cache prompt embeddings on disk (keyed by model and prompt)
+    cfg_batch: str = "auto"  # "auto" | "on" | "off"
+    cfg_skip_last: float = 0.0  # in [0, 1)
+    cache: str = "off"  # "off" | "teacache" | "firstblock"
+    cache_threshold: float | None = None  # None = the mode's default
+    compile: bool = False
+    linear: str = "auto"  # "auto" | "aten" | "onednn"
+
+    def __post_init__(self):
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            choices = ["auto", *sorted(_DTYPES)]
+            raise ValueError(f"dtype must be one of {choices}, got {self.dtype!r}")
+        for name, allowed in (
+            ("quant", ("none", "int8", "fp8")),
+            ("offload", ("none", "model", "blocks", "auto")),
+            ("vae_tiling", ("auto", "on", "off")),
+            ("cfg_batch", ("auto", "on", "off")),
+            ("cache", ("off", "teacache", "firstblock")),
+            ("compile", (False, True)),
+            ("linear", ("auto", "aten", "onednn")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.max_memory is not None:
+            parse_bytes(self.max_memory)
+        if not isinstance(self.cfg_skip_last, int | float) or not 0 <= self.cfg_skip_last < 1:
+            raise ValueError(f"cfg_skip_last must be in [0, 1), got {self.cfg_skip_last!r}")
+        t = self.cache_threshold
+        if t is not None and (not isinstance(t, int | float) or isinstance(t, bool) or t < 0):
+            raise ValueError(f"cache_threshold must be a number >= 0, got {t!r}")
+
+    def resolve_device(self):
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {self.device!r} was asked for but CUDA is not available")
+        return dev
+
+    def resolve_dtype(self, device):
+        """The compute dtype on ``device`` (a ``torch.device``); "auto" is decided and logged."""
+        import torch
+
+        if self.dtype != "auto":
+            return getattr(torch, _DTYPES[self.dtype])
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            capability = torch.cuda.get_device_capability(index)  # the chosen device's
+            name = cuda_auto_dtype(capability, hip=torch.version.hip is not None)
+            why = f"{torch.cuda.get_device_name(index)}, sm{capability[0]}{capability[1]}"
+        elif device.type == "cpu":
+            feature = cpu_bf16_feature()
+            name = "float32" if feature is None else "bfloat16"
+            why = feature or "no AMX-BF16 / AVX512-BF16: bf16 matmuls would be emulated"
+        else:
+            name, why = "float32", f"device type {device.type!r}"
+        log.info("dtype (auto) on %s: %s (%s)", device, name, why)
+        return getattr(torch, name)
+
+
+# --- "auto" dtype from the hardware -------------------------------------------------------------
+# Pure functions of what the hardware reports, so both branches are tested on any machine.
+
+CPU_BF16_ENV = "WANLITE_CPU_BF16"  # "1"/"0" overrides the CPU detection (tests, odd hosts)
+_CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # in order of preference for the log line
+
+
+def cpu_bf16_flag(flags) -> str | None:
+    """The first native bf16 matmul feature among ``flags`` (names as torch and
+    /proc/cpuinfo spell them: "amx_bf16", "avx512_bf16"), or None."""
+    return next((f for f in _CPU_BF16_FLAGS if f in flags), None)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU features torch detected (cpuinfo), else those /proc/cpuinfo lists (Linux)."""
+    import torch
+
+    try:
+        caps = torch._C._cpu._get_cpu_capability()  # {feature: bool, ...} (torch >= 2.6)
+        return {k for k, v in caps.items() if v is True}
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16_feature() -> str | None:
+    """Why bf16 is the CPU's "auto" dtype (the feature, or the override), or None for fp32."""
+    override = os.environ.get(CPU_BF16_ENV, "").strip()
+    if override in ("0", "1"):
+        return f"{CPU_BF16_ENV}=1" if override == "1" else None
+    if override:
+        raise ValueError(f"{CPU_BF16_ENV} must be 0 or 1, got {override!r}")
+    return cpu_bf16_flag(cpu_flags())
+
+
+def cuda_auto_dtype(capability: tuple[int, int], hip: bool = False) -> str:
+    """bf16 where the GPU has bf16 units (sm80+, or any ROCm GPU), else fp16: what
+    ``torch.cuda.is_bf16_supported(including_emulation=False)`` decides, for a given device
+    (that function asks the current one) and without a GPU."""
+    return "bfloat16" if hip or capability[0] >= 8 else "float16"
+
+
+def parse_bytes(value: str | int) -> int:
+    """ "6GB", "6 GiB", "512MB", 123 -> bytes (GB and GiB both mean 2**30 here)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip().upper().replace(" ", "").removesuffix("B").removesuffix("I")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(float(text))
+    except ValueError:
+        raise ValueError(f"max_memory must look like '6GB' or '512MB', got {value!r}") from None
+
+
+# (option name, argparse type, help).  Each becomes ``--name-with-dashes``; defaults come from
+# ``Options``.  A bool option is a store_true flag.
+FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("device", str, "auto | cpu | cuda[:N]"),
+    ("dtype", str, "auto | float32 | bfloat16 | float16"),
+    ("attention", str, "auto | sdpa | math | flash_attn | sage | xformers"),
+    ("quant", str, "none | int8 | fp8 (DiT and umT5 blocks)"),
+    ("offload", str, "auto | none | model | blocks"),
+    ("max_memory", str, "memory budget for auto, e.g. 6GB"),
+    ("vae_tiling", str, "auto | on | off"),
+    ("cfg_batch", str, "auto | on | off (CFG passes as a batch)"),
+    ("cfg_skip_last", float, "skip the negative pass on this fraction of the last steps"),
+    ("cache", str, "off | teacache | firstblock (not exact)"),
+    ("cache_threshold", float, "step-cache threshold"),
+    ("compile", bool, "torch.compile the DiT block"),
+    ("linear", str, "auto | aten | onednn (DiT block GEMMs)"),
+)
+
+
+def add_runtime_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """Add the ``Options`` flags to ``parser``.  ``defaults=False`` leaves every default None
+    (``wanlite bench`` passes on only the flags that were given)."""
+    base = Options()
+    for name, kind, text in FLAGS:
+        flag = "--" + name.replace("_", "-")
+        default = getattr(base, name) if defaults else None
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=default, help=text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=text)
+
+
+def runtime_options(args: argparse.Namespace) -> dict:
+    """The ``Options`` keyword arguments from parsed flags (None = not given, left out)."""
+    values = {name: getattr(args, name) for name, _, _ in FLAGS}
+    return {k: v for k, v in values.items() if v is not None}
