@@ -1,9 +1,12 @@
 """``wanlite serve``: a local HTTP server with the hosted API's video endpoints.
 
-Layout: ``app.py`` (FastAPI routes), ``guard.py`` (auth, body bound, error shape, access log),
-``store.py`` (the
-SQLite job store: queue, statuses, crash recovery), ``worker.py`` (the one thread that owns the
-model, and the event broadcast for SSE), ``cli.py`` (arguments, JSON logs, uvicorn).
+Layout: ``app.py`` (``create_app``: wires the pieces), ``context.py`` (configuration, shared
+state, how a row looks on the wire), ``routes_*.py`` (one route family each: models and health,
+queue, results, sync generate, events), ``jobs.py`` (request body -> queued rows),
+``guard.py`` (auth, body bound, access log), ``errors.py`` (the error shape), ``signing.py``
+(signed result links), ``store.py`` (the SQLite job store: queue, statuses, crash recovery),
+``worker.py`` (the one thread that owns the model, and the event broadcast for SSE),
+``cli.py`` (arguments, JSON logs, uvicorn).
 
 Wiring into the ``wanlite`` command line::
 

@@ -95,26 +95,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the server until interrupted.  Returns the process exit code."""
-    setup_logging(args.log_level)
-    log = logging.getLogger("wanlite.server")
+def _check_args(args: argparse.Namespace) -> str | None:
+    """The error of a bad flag, found now in one line rather than later as a failed /ready."""
     if args.max_queue < 1:
-        print("error: --max-queue must be at least 1", file=sys.stderr)
-        return 2
+        return "--max-queue must be at least 1"
     try:
-        Options(**runtime_options(args))  # a bad flag is one line now, not a failed /ready later
+        Options(**runtime_options(args))
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        import uvicorn
+        return str(e)
+    return None
 
-        from .app import ServerConfig, create_app
-    except ImportError as e:
-        print(f"error: {e.name} is missing: pip install 'wanlite[server]'", file=sys.stderr)
-        return 1
-    config = ServerConfig(
+
+def _config(args: argparse.Namespace):
+    from .app import ServerConfig
+
+    return ServerConfig(
         model=args.model,
         model_id=args.model_id,
         data_dir=Path(args.data_dir),
@@ -124,30 +119,39 @@ def run(args: argparse.Namespace) -> int:
         options=runtime_options(args),
         threads=args.threads,
     )
-    try:  # fail early, in one line, on a data dir that is busy or not writable
-        from .store import lock_data_dir
 
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        lock_data_dir(config.data_dir).close()
+
+def _check_data_dir(data_dir: Path) -> str | None:
+    """The error of a data dir that is busy or not writable, in one line."""
+    from .store import lock_data_dir
+
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock_data_dir(data_dir).close()
     except (RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    log.info(
-        "starting",
-        extra={
-            "fields": {
-                "host": args.host,
-                "port": args.port,
-                "checkpoint": args.model,
-                "model_id": args.model_id,
-                "data_dir": str(config.data_dir.resolve()),
-                "auth": config.api_key is not None,
-            }
-        },
-    )
-    app = create_app(config)
+        return str(e)
+    return None
+
+
+def _log_start(args: argparse.Namespace, config) -> None:
+    fields = {
+        "host": args.host,
+        "port": args.port,
+        "checkpoint": args.model,
+        "model_id": args.model_id,
+        "data_dir": str(config.data_dir.resolve()),
+        "auth": config.api_key is not None,
+    }
+    logging.getLogger("wanlite.server").info("starting", extra={"fields": fields})
+
+
+def _serve(args: argparse.Namespace, config) -> int:
+    import uvicorn
+
+    from .app import create_app
+
     uv = uvicorn.Config(
-        app,
+        create_app(config),
         host=args.host,
         port=args.port,
         log_config=None,
@@ -159,6 +163,31 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the server until interrupted.  Returns the process exit code."""
+    setup_logging(args.log_level)
+    error = _check_args(args)
+    if error:
+        return _fail(error, 2)
+    try:
+        import uvicorn  # noqa: F401
+
+        from . import app  # noqa: F401
+    except ImportError as e:
+        return _fail(f"{e.name} is missing: pip install 'wanlite[server]'", 1)
+    config = _config(args)
+    error = _check_data_dir(config.data_dir)
+    if error:
+        return _fail(error, 2)
+    _log_start(args, config)
+    return _serve(args, config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,11 +6,7 @@ Design
   bearer-token auth (``/health`` and ``/ready`` stay open; a result URL may instead carry its
   signature), a bound on the request body (413 before the app reads anything: the body is read
   here, counted, and replayed to the app), and one JSON log line per request.
-* Every error is one JSON shape (OpenAI-style ``error`` object, plus the hosted hub's
-  ``status``/``status_message``)::
-
-      {"status": "error", "status_message": "...",
-       "error": {"type": "invalid_request_error", "message": "...", "param": "height"}}
+* Every error is one JSON shape (:mod:`wanlite.server.errors`).
 """
 
 from __future__ import annotations
@@ -23,26 +19,13 @@ import time
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+
+from .errors import ApiError, error_response
 
 log = logging.getLogger("wanlite.server")
 
 OPEN_PATHS = ("/health", "/ready")
 RESULT_RE = re.compile(r"^/api/ai/results/([0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})\.mp4$")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", **kw):
-        super().__init__(message)
-        self.status, self.message, self.type, self.extra = status, message, type_, kw
-
-
-def error_response(
-    status: int, message: str, type_: str, headers: dict | None = None, **extra: Any
-) -> JSONResponse:
-    err = {"type": type_, "message": message, **extra}
-    body = {"status": "error", "status_message": message, "error": err}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class Guard:
@@ -80,12 +63,7 @@ class Guard:
         if hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
             return True
         m = RESULT_RE.match(scope["path"])
-        if m:  # a signed result URL
-            pairs = scope["query_string"].decode("latin-1").split("&")
-            query = dict(p.split("=", 1) for p in pairs if "=" in p)
-            given_sig = query.get("sig", "").encode("latin-1")
-            return hmac.compare_digest(given_sig, self.signer(m.group(1)).encode())
-        return False
+        return bool(m) and self.signer.verify(m.group(1), scope["query_string"])
 
     async def _handle(self, scope, receive, send):
         headers = dict(scope["headers"])

@@ -1,0 +1,63 @@
+"""``/health``, ``/ready`` and the model object (``/api/ai/models[/{id}]``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from wanlite.params import json_schema
+
+from .context import ctx
+from .errors import ApiError
+
+router = APIRouter()
+
+
+@router.get("/health")
+def health():
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+def ready(request: Request):
+    c = ctx(request)
+    w = c.worker
+    body = {"status": w.state, "model": c.config.model_id, "error": w.load_error}
+    return JSONResponse(body, status_code=200 if w.state == "ready" else 503)
+
+
+def model_object(request: Request) -> dict[str, Any]:
+    c = ctx(request)
+    schema = json_schema()
+    return {
+        "id": c.config.model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "wanlite",
+        "display_name": "Wan2.1 1.3B - Text to Video",
+        "description": "Wan2.1 T2V 1.3B text-to-video, served locally by wanlite",
+        "developer": {"name": "Alibaba Wan"},
+        "capabilities": {"input": ["text"], "output": ["video"]},
+        "endpoint": "/videos/generate",
+        "model_type": "base",
+        "json_request_schema": schema,
+        "request_schema": schema,
+        "ready": c.worker.state == "ready",
+    }
+
+
+@router.get("/api/ai/models")
+def list_models(request: Request):
+    return {"object": "list", "data": [model_object(request)]}
+
+
+@router.get("/api/ai/models/{model_id:path}")
+def get_model(model_id: str, request: Request):
+    served = ctx(request).config.model_id
+    if model_id != served:
+        raise ApiError(
+            404, f"model {model_id!r} not found: this server serves {served!r}", "model_not_found"
+        )
+    return model_object(request)

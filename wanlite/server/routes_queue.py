@@ -1,0 +1,67 @@
+"""The async queue: ``POST /api/ai/queue``, ``GET /api/ai/queue[/{id}]`` and cancelling
+(``DELETE /api/ai/queue/{id}`` or ``POST /api/ai/queue/{id}/cancel``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from .context import ctx, render
+from .errors import ApiError
+from .guard import read_body
+from .jobs import enqueue, parse_request
+from .store import STATUSES
+
+router = APIRouter()
+
+
+@router.post("/api/ai/queue")
+async def enqueue_route(request: Request):
+    params, n, fmt = parse_request(ctx(request), await read_body(request), queue=True)
+    rows = await enqueue(request, params, n, fmt)
+    return {"generations": [{"generation_id": r["id"], "status": r["status"]} for r in rows]}
+
+
+def _statuses(status: str | None) -> tuple[str, ...]:
+    if not status:
+        return ("queued", "processing")
+    statuses = STATUSES if status == "all" else tuple(status.split(","))
+    if any(s not in STATUSES for s in statuses):
+        msg = f"status must be 'all' or a comma-separated subset of {', '.join(STATUSES)}"
+        raise ApiError(400, msg, param="status")
+    return statuses
+
+
+@router.get("/api/ai/queue")
+def list_queue(request: Request, model: str | None = None, status: str | None = None):
+    c = ctx(request)
+    rows = c.store.list(_statuses(status), model)
+    base = c.base_url(request)
+    return {"count": len(rows), "generations": [render(c, r, base) for r in rows]}
+
+
+def get_row(request: Request, gen_id: str) -> dict[str, Any]:
+    row = ctx(request).store.get(gen_id)
+    if row is None:
+        raise ApiError(404, f"generation {gen_id!r} not found", "not_found")
+    return row
+
+
+@router.get("/api/ai/queue/{gen_id}")
+def get_generation(gen_id: str, request: Request):
+    c = ctx(request)
+    return render(c, get_row(request, gen_id), c.base_url(request))
+
+
+@router.delete("/api/ai/queue/{gen_id}")
+@router.post("/api/ai/queue/{gen_id}/cancel")
+def cancel_generation(gen_id: str, request: Request):
+    c = ctx(request)
+    row, outcome = c.worker.cancel(gen_id)
+    if outcome == "missing":
+        raise ApiError(404, f"generation {gen_id!r} not found", "not_found")
+    if outcome == "terminal":
+        msg = f"generation {gen_id} already {row['status']}: nothing to cancel"
+        raise ApiError(409, msg, "conflict")
+    return render(c, row, c.base_url(request))
