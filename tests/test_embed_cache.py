@@ -10,14 +10,18 @@ def test_repeated_prompts_skip_the_encoder(tiny_checkpoint, monkeypatch, tmp_pat
     first = pipe.generate("a cat", negative_prompt="dark", **kw)
     calls = []
     real = pipe._encode
-    monkeypatch.setattr(pipe, "_encode", lambda texts: calls.append(texts) or real(texts))
+    monkeypatch.setattr(
+        pipe, "_encode", lambda texts, place: calls.append(texts) or real(texts, place)
+    )
     again = pipe.generate("a cat", negative_prompt="dark", **kw)
     assert calls == [] and torch.equal(first.latents, again.latents)
     pipe.generate("a dog", negative_prompt="dark", **kw)
     assert calls == [["a dog"]]  # only the new prompt is encoded
     # On disk: a new pipeline (same model) finds both without encoding.
     fresh = wanlite.load(str(tiny_checkpoint), device="cpu", offload="none")
-    monkeypatch.setattr(fresh, "_encode", lambda texts: calls.append(texts) or real(texts))
+    monkeypatch.setattr(
+        fresh, "_encode", lambda texts, place: calls.append(texts) or real(texts, place)
+    )
     assert torch.equal(fresh.generate("a cat", negative_prompt="dark", **kw).latents, first.latents)
     assert calls == [["a dog"]]
     assert len(list((tmp_path / "embeddings").glob("*.safetensors"))) == 3

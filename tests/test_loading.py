@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from wanlite import dit
 from wanlite.configs import TINY
-from wanlite.loading import load_module, resolve_model, weight_files
+from wanlite.lifecycle import Component
+from wanlite.loading import resolve_model, weight_files
 
 
 def _fresh(tiny_checkpoint, tmp_path):
@@ -17,10 +18,16 @@ def _fresh(tiny_checkpoint, tmp_path):
     return out
 
 
+def _load(folder, build, from_key, **kw):
+    """Strict loading as the pipeline does it (headers checked, then every tensor read)."""
+    cpu = torch.device("cpu")
+    return Component("test", folder, build, from_key, device=cpu, **kw).acquire()
+
+
 def _load_dit(folder):
-    with torch.device("meta"):
-        m = dit.WanDiT(TINY.dit)
-    return load_module(m, folder / "transformer", dit.from_diffusers_key)
+    return _load(
+        folder / "transformer", lambda: dit.WanDiT(TINY.dit), dit.from_diffusers_key, dtype=None
+    )
 
 
 def test_sharded_and_single_files_load(tiny_checkpoint):
@@ -83,11 +90,9 @@ def test_bf16_storage_loads_into_fp32(tiny_checkpoint):
     first = next(iter(index["weight_map"].items()))
     stored = load_file(tiny_checkpoint / "text_encoder" / first[1])[first[0]]
     assert stored.dtype == torch.bfloat16
-    with torch.device("meta"):
-        m = t5.UMT5Encoder(TINY.t5)
-    load_module(
-        m,
+    m = _load(
         tiny_checkpoint / "text_encoder",
+        lambda: t5.UMT5Encoder(TINY.t5),
         t5.from_diffusers_key,
         dtype=torch.float32,
         aliases=t5.TIED_ALIASES,

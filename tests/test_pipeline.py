@@ -154,11 +154,11 @@ def test_second_call_keeps_its_resident_model_and_reads_no_weights(tiny_checkpoi
 
     monkeypatch.setattr(planner, "available_memory", available)
     first = pipe.generate("x", **kw)
-    assert pipe.offload == "none" and first.weights_seconds > 0
+    assert pipe.placement.offload == "none" and first.weights_seconds > 0
     held = sum(c.resident_bytes() for c in pipe.components.values())
     assert held > machine - plan_none.peak  # without `held` the budget would not fit "none"
     second = pipe.generate("x", **kw)
-    assert pipe.offload == "none" and second.weights_seconds == 0
+    assert pipe.placement.offload == "none" and second.weights_seconds == 0
     assert torch.equal(first.latents, second.latents)
 
 
@@ -170,10 +170,43 @@ def test_onednn_and_aten_linears_agree(tiny_checkpoint):
     kw = dict(height=32, width=32, num_frames=5, num_inference_steps=3, seed=3, progress=False)
     out = {}
     for linear in ("aten", "onednn"):
-        pipe = wanlite.load(str(tiny_checkpoint), device="cpu", linear=linear, embed_cache=False)
+        pipe = wanlite.load(
+            str(tiny_checkpoint), device="cpu", dtype="float32", linear=linear, embed_cache=False
+        )
         out[linear] = pipe.generate("a fox", **kw)
-        packed = isinstance(pipe.dit.blocks[0].ffn[0], PackedLinear)
+        packed = isinstance(pipe.components["transformer"].module.blocks[0].ffn[0], PackedLinear)
         assert packed == (linear == "onednn")
     diff = (out["aten"].latents - out["onednn"].latents).abs().max().item()
     print(f"onednn vs aten linears: latents max abs diff {diff:.1e}")
     assert diff <= 1e-5
+
+
+def test_a_stopped_call_leaves_nothing_loaded_in_offload_modes(tiny_checkpoint):
+    """Cancelled (or out of memory) mid-denoise: the phases' releases are in a finally, so the
+    DiT does not stay resident in an offload mode."""
+    import wanlite
+    from wanlite.pipeline import Cancelled
+
+    pipe = wanlite.load(str(tiny_checkpoint), device="cpu", dtype="float32", offload="model")
+
+    def cancel(i, n, latents):
+        assert pipe.components["transformer"].module is not None  # loaded for the phase
+        raise Cancelled()
+
+    kw = dict(height=16, width=16, num_frames=1, num_inference_steps=2, seed=0, progress=False)
+    with pytest.raises(Cancelled):
+        pipe.generate("x", callback=cancel, **kw)
+    assert all(c.module is None for c in pipe.components.values())
+
+
+def test_acquire_remakes_a_module_in_the_planned_mode(tiny_checkpoint):
+    import wanlite
+
+    pipe = wanlite.load(str(tiny_checkpoint), device="cpu", dtype="float32", offload="model")
+    dit = pipe.components["transformer"]
+    resident = dit.acquire(stream_blocks=False)
+    assert dit.streamer is None and dit.acquire(stream_blocks=False) is resident
+    streamed = dit.acquire(stream_blocks=True)  # not the cached resident module
+    assert streamed is not resident and dit.streamer is not None
+    assert all(p.is_meta for p in streamed.blocks.parameters())
+    dit.release()

@@ -34,10 +34,10 @@ def test_offload_and_quant_lower_the_estimate():
 def test_auto_fits_the_budget():
     cpu = torch.device("cpu")
     c = choose(FULL, FULL_480P, Options(max_memory="6GB"), cpu, 4)
-    assert (c.offload, c.tiled) == ("blocks", True)
+    assert (c.offload, c.vae_tiled) == ("blocks", True)
     assert c.estimate.peak <= 6 * 2**30
     c = choose(TINY, (16, 2, 4, 4), Options(max_memory="6GB"), cpu, 4)
-    assert (c.offload, c.tiled, c.cfg_batched) == ("none", False, True)
+    assert (c.offload, c.vae_tiled, c.cfg_batched) == ("none", False, True)
     c = choose(FULL, FULL_480P, Options(offload="model", max_memory="1GB"), cpu, 4)
     assert c.offload == "model"  # forced modes are kept (with a warning when over budget)
 
@@ -63,3 +63,13 @@ def test_parse_bytes_and_bad_options():
         Options(max_memory="lots")
     with pytest.raises(ValueError, match="offload"):
         Options(offload="disk")
+
+
+def test_cuda_budget_counts_the_allocators_cached_free_memory():
+    from wanlite.planner import cuda_available
+
+    gib = 2**30
+    # 2 GiB free on the device, 6 GiB reserved by PyTorch of which 1 GiB holds tensors: the
+    # 5 GiB cached but unused are free for this process too.
+    assert cuda_available(2 * gib, 6 * gib, 1 * gib) == 7 * gib
+    assert cuda_available(2 * gib, 0, 0) == 2 * gib

@@ -30,14 +30,15 @@ MEMORY_ENTRIES = 64
 
 
 class EmbeddingCache:
-    def __init__(self, model_path: Path, component, dtype: torch.dtype, disk: bool = True):
+    def __init__(self, model_path: Path, quant: str, dtype: torch.dtype, disk: bool = True):
+        """``quant``: the quantization of the text encoder that actually runs (as stored)."""
         files = sorted(
             (p.name, p.stat().st_size, int(p.stat().st_mtime))
             for p in (Path(model_path) / "text_encoder").iterdir()
         )
         ident = {
             "files": files,
-            "quant": component.quant,
+            "quant": quant,
             "dtype": str(dtype),
             "path": str(Path(model_path).resolve()),
         }

@@ -37,10 +37,11 @@ from . import vae as vae_mod
 from .attention import resolve_name
 from .loading import check_keys, weight_files
 from .memory import trim
-from .offload import BlockStreamer, RowEmbedding, cast, materialize
+from .offload import BlockStreamer, RowEmbedding, cast
 from .quant import QLinear, pack_linears, quantize, quantize_weight, resolve_linear
 from .tensorstore import TensorStore
 
+__all__ = ["Component", "components", "quantize_checkpoint"]
 log = logging.getLogger(__name__)
 QUANT_META = "wanlite_quant"  # safetensors metadata key naming the quantization of a file
 
@@ -73,7 +74,7 @@ class Component:
         from_key: Callable[[str], str],
         *,
         device: torch.device,
-        dtype: torch.dtype,
+        dtype: torch.dtype | None,
         quant: str = "none",
         keep: Callable[[str], bool] = lambda n: False,
         fp32: Callable[[str], bool] = lambda n: False,
@@ -93,9 +94,9 @@ class Component:
         skeleton = self._skeleton(self.stored_quant)
         self.names = check_keys(self.store, skeleton, with_scales(from_key), aliases)
         self.module: nn.Module | None = None
+        self.streamed = False  # how self.module was made: blocks streamed or resident
         self.streamer: BlockStreamer | None = None
         self._compact: dict[str, torch.Tensor] | None = None
-        self._in_ram = False
         self.load_seconds = 0.0  # total time spent materializing weights (reads, casts, prep)
 
     def _skeleton(self, quant: str) -> nn.Module:
@@ -105,74 +106,71 @@ class Component:
 
     # -- weight sources ---------------------------------------------------------------------
     def read(self, name: str) -> torch.Tensor:
-        """Parameter ``name`` (ours): from the quantized copy in RAM if the module was built
-        from it, else as stored in the checkpoint."""
-        if self._compact is not None and self._in_ram:
+        """Parameter ``name`` (ours): from the quantized copy in RAM if there is one, else as
+        stored in the checkpoint."""
+        if self._compact is not None:
             return self._compact[name]
         return self.store.get(self.names[name])
 
-    def _quantize_into_ram(self, skeleton: nn.Module, skip: str | None = None) -> None:
-        """Quantize layer by layer from the store; keep only the compact tensors (none for the
-        module ``skip``, whose rows are read on demand)."""
-        compact = {}
+    def load(self, name: str) -> torch.Tensor:
+        """Parameter ``name`` on the host, ready to use: floating weights in the compute dtype,
+        or fp32 for the layers kept in fp32 (``fp32``); quantized weights as they are."""
+        return cast(self.read(name), torch.float32 if self.fp32(name) else self.dtype)
+
+    def quantized(self, skeleton: nn.Module, mode: str, skip: str | None = None, source=None):
+        """Yield (name, tensor) for every parameter of the ``mode``-quantized ``skeleton``:
+        QLinear weights quantized from the stored full-precision ones (each followed by its
+        ``weight_scale``), the rest from ``source`` (default :meth:`load`).  The module ``skip``
+        is left out (its rows are read on demand).  Layer by layer: the full-precision model
+        is never held.  The one quantization loop, for RAM and for ``wanlite quantize``."""
+        source = source or self.load
         qlayers = {n for n, m in skeleton.named_modules() if isinstance(m, QLinear)}
         for name, _ in skeleton.named_parameters():
             layer, _, attr = name.rpartition(".")
             if skip is not None and layer == skip:
                 continue
-            if layer in qlayers and attr == "weight":
-                w, s = quantize_weight(self.store.get(self.names[layer + ".weight"]), self.quant)
-                compact[name], compact[layer + ".weight_scale"] = w, s
+            if layer not in qlayers or attr == "bias":
+                yield name, source(name)
+            elif attr == "weight":
+                w, s = quantize_weight(self.store.get(self.names[name]), mode)
+                yield name, w
+                yield layer + ".weight_scale", s
                 # Return the freed full-precision pages now: the kept int8 tensors sit between
                 # them on the heap, so without this the peak can reach the fp32 model's size.
                 trim()
-            elif layer in qlayers and attr == "weight_scale":
-                continue
-            else:
-                compact[name] = cast(self.store.get(self.names[name]), self._dtype_for(name))
-        self._compact = compact
-
-    def _dtype_for(self, name: str) -> torch.dtype:
-        return torch.float32 if self.fp32(name) else self.dtype
 
     # -- lifecycle --------------------------------------------------------------------------
-    def acquire(
-        self, stream_blocks: bool = False, row_embedding: str | None = None, quantize: bool = True
-    ) -> nn.Module:
-        """The module, resident (or with its blocks streamed).
-
-        ``quantize=False`` streams a full-precision checkpoint as stored even when quantization
-        was asked for: quantizing in RAM would keep the whole (int8) model resident, which is
-        what streaming avoids -- the umT5 runs once per prompt, so this is its default."""
-        if self.module is not None:
+    def acquire(self, stream_blocks: bool = False, row_embedding: str | None = None) -> nn.Module:
+        """The module, resident (or with its blocks streamed).  A module made the other way
+        (streamed vs resident) is released and made again as asked."""
+        if self.module is not None and self.streamed == stream_blocks:
             return self.module
+        self.release()
         t0 = time.perf_counter()
-        in_ram = self.quant != self.stored_quant and quantize
-        module = self._skeleton(self.quant if in_ram else self.stored_quant)
-        self._in_ram = in_ram
-        if in_ram and self._compact is None:
-            self._quantize_into_ram(module, skip=row_embedding)
+        in_ram = self.quant != self.stored_quant
+        module = self._skeleton(self.quant)
+        if in_ram:
+            self._compact = dict(self.quantized(module, self.quant, skip=row_embedding))
             trim()  # the full-precision temporaries are gone: return their pages
-        names = {n: n for n, _ in module.named_parameters()}
+        names = [n for n, _ in module.named_parameters()]
         if stream_blocks:
-            self.streamer = BlockStreamer(
-                module.blocks, "blocks", self.read, self.device, self.dtype, self.fp32
-            )
-            names = {n: n for n in names if not n.startswith("blocks.")}
+            self.streamer = BlockStreamer(module.blocks, "blocks", self.load, self.device)
+            names = [n for n in names if not n.startswith("blocks.")]
         if row_embedding is not None:
             key = self.names[row_embedding + ".weight"]
             rows = RowEmbedding(lambda r: self.store.get_rows(key, r), self.dtype)
             setattr(module, row_embedding, rows)
-            names = {n: n for n in names if not n.startswith(row_embedding + ".")}
-        _materialize_rest(module, names, self.read, self.device, self.dtype, self.fp32)
+            names = [n for n in names if not n.startswith(row_embedding + ".")]
+        state = {n: self.load(n).to(self.device) for n in names}
+        assign(module, state)
         if self.prepare is not None:
             self.prepare(module, stream_blocks)
-            if self._compact is not None and in_ram:  # keep one copy of re-laid-out weights
+            if self._compact is not None:  # keep one copy of re-laid-out weights
                 for n, p in module.named_parameters():
                     if n in self._compact and not p.is_meta:
                         self._compact[n] = p.data
             trim()
-        self.module = module.eval().requires_grad_(False)
+        self.module, self.streamed = module.eval().requires_grad_(False), stream_blocks
         self.load_seconds += time.perf_counter() - t0
         return self.module
 
@@ -199,28 +197,29 @@ class Component:
             self.streamer.close()
             self.streamer = None
         self.module = self._compact = None
+        self.streamed = False
         trim()
 
 
-def _materialize_rest(module, names, source, device, dtype, fp32) -> None:
-    """Assign the parameters in ``names`` (full names) owned by ``module``."""
-    state = {}
-    for name in names:
-        t = cast(source(name), torch.float32 if fp32(name) else dtype)
-        state[name] = t.to(device)
-    missing = module.load_state_dict(state, strict=False, assign=True)
-    left = [k for k in missing.missing_keys if k in names]
-    if left or missing.unexpected_keys:
-        raise RuntimeError(f"internal: could not assign {left or missing.unexpected_keys}")
+def assign(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Assign the tensors of ``state`` (full names) to ``module``'s parameters in place of the
+    meta ones; every name must be one of its parameters."""
+    result = module.load_state_dict(state, strict=False, assign=True)
+    left = [k for k in result.missing_keys if k in state]
+    if left or result.unexpected_keys:
+        raise RuntimeError(f"internal: could not assign {left or result.unexpected_keys}")
 
 
 def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
+    """The three weight sets of the checkpoint at ``path``.  The DiT is quantized in RAM when
+    asked for (it runs every step); the umT5 runs once per new prompt, so it is used as
+    stored: quantizing its 5.7 B parameters in RAM costs more than it saves in one call."""
     quant = options.quant
     attention = resolve_name(options.attention)  # "auto" is decided (and logged) once, here
     fits = quant == "none" and not options.compile and options.offload != "blocks"
     linear = resolve_linear(options.linear, device, dtype, fits)  # once, here too
     log.info("DiT block linears (%s): %s", options.linear, linear)
-    return {
+    comps = {
         "text_encoder": Component(
             "text_encoder",
             path / "text_encoder",
@@ -228,7 +227,6 @@ def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
             t5_mod.from_diffusers_key,
             device=device,
             dtype=dtype,
-            quant=quant,
             aliases=t5_mod.TIED_ALIASES,
         ),
         "transformer": Component(
@@ -252,6 +250,14 @@ def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
             dtype=torch.float32,  # the VAE always runs in fp32
         ),
     }
+    if quant != "none" and comps["text_encoder"].quant == "none":
+        log.info(
+            "the umT5 is used as stored (%s is for the DiT here); `wanlite quantize` "
+            "writes a checkpoint whose umT5 is stored %s too",
+            quant,
+            quant,
+        )
+    return comps
 
 
 def _prepare_dit(module: dit_mod.WanDiT, streamed: bool, options, linear: str) -> None:
@@ -267,9 +273,6 @@ def _prepare_dit(module: dit_mod.WanDiT, streamed: bool, options, linear: str) -
         dit_mod.compile_blocks(module)
 
 
-__all__ = ["Component", "components", "materialize"]
-
-
 # --- pre-quantized checkpoints ("wanlite quantize") --------------------------------------------
 
 _TO_KEY = {"transformer": dit_mod.to_diffusers_key, "text_encoder": t5_mod.to_diffusers_key}
@@ -279,10 +282,7 @@ def quantize_checkpoint(src: Path, out: Path, mode: str, shard_bytes: int = 2 * 
     """Copy the checkpoint at ``src`` to ``out`` with the DiT and umT5 block linears stored
     quantized (``mode`` recorded in each safetensors file's metadata).  Tensor by tensor: the
     full-precision model is never in memory at once."""
-    import json
     import shutil
-
-    from safetensors.torch import save_file
 
     from .configs import read_model_config
     from .options import Options
@@ -294,41 +294,44 @@ def quantize_checkpoint(src: Path, out: Path, mode: str, shard_bytes: int = 2 * 
     cfg = read_model_config(src)
     tmp = out.with_name(f".{out.name}.part")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors*"), dirs_exist_ok=True)
-    for name in ("vae",):
-        for f in (src / name).glob("*.safetensors*"):
-            shutil.copy2(f, tmp / name / f.name)
+    # Configs, tokenizer and the VAE as they are; the two quantized weight sets written below.
+    skip = shutil.ignore_patterns("*.safetensors*")
+    shutil.copytree(
+        src, tmp, ignore=lambda d, names: [] if Path(d).name == "vae" else skip(d, names)
+    )
     comps = components(src, cfg, Options(quant=mode), torch.device("cpu"), None)
     for name in ("transformer", "text_encoder"):
-        comp = comps[name]
-        skeleton = comp._skeleton(mode)
-        qlayers = {n for n, m in skeleton.named_modules() if isinstance(m, QLinear)}
-        shards, current, size = [], {}, 0
-        for pname, _ in skeleton.named_parameters():
-            layer, _, attr = pname.rpartition(".")
-            if layer in qlayers and attr == "weight_scale":
-                continue
-            key = _TO_KEY[name](pname)
-            if layer in qlayers and attr == "weight":
-                w, s = quantize_weight(comp.store.get(comp.names[pname]), mode)
-                current[key], current[key + "_scale"] = w, s
-            else:
-                current[key] = comp.store.get(comp.names[pname])
-            size = sum(t.numel() * t.element_size() for t in current.values())
-            if size >= shard_bytes:
-                shards.append(current)
-                current = {}
-        shards.append(current)
-        prefix = "model" if name == "text_encoder" else "diffusion_pytorch_model"
-        weight_map = {}
-        for i, tensors in enumerate(shards):
-            fname = f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(tensors, str(tmp / name / fname), metadata={"format": "pt", QUANT_META: mode})
-            weight_map.update(dict.fromkeys(tensors, fname))
-        index = {"metadata": {QUANT_META: mode}, "weight_map": weight_map}
-        (tmp / name / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        comp.store.close()
+        _write_quantized(comps[name], mode, tmp / name, shard_bytes)
     if out.exists():
         out.rmdir()  # empty: checked above
     tmp.rename(out)
     return out
+
+
+def _write_quantized(comp: Component, mode: str, folder: Path, shard_bytes: int) -> None:
+    """Write ``comp`` quantized as diffusers-named safetensors shards with an index."""
+    import json
+
+    from safetensors.torch import save_file
+
+    to_key = _TO_KEY[comp.name]
+    as_stored = lambda n: comp.store.get(comp.names[n])  # noqa: E731
+    shards, current, size = [], {}, 0
+    for name, t in comp.quantized(comp._skeleton(mode), mode, source=as_stored):
+        scale = name.endswith(".weight_scale")
+        key = to_key(name.removesuffix("_scale")) + ("_scale" if scale else "")
+        current[key] = t
+        size += t.numel() * t.element_size()
+        if size >= shard_bytes and not name.endswith(".weight"):  # a weight stays with its scale
+            shards.append(current)
+            current, size = {}, 0
+    shards.append(current)
+    prefix = "model" if comp.name == "text_encoder" else "diffusion_pytorch_model"
+    weight_map = {}
+    for i, tensors in enumerate(shards):
+        fname = f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(folder / fname), metadata={"format": "pt", QUANT_META: mode})
+        weight_map.update(dict.fromkeys(tensors, fname))
+    index = {"metadata": {QUANT_META: mode}, "weight_map": weight_map}
+    (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    comp.store.close()

@@ -111,28 +111,3 @@ def check_keys(
             )
         )
     return sources
-
-
-def load_module(
-    module: torch.nn.Module,
-    folder: Path,
-    from_key: Callable[[str], str],
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    aliases: dict[str, str] | None = None,
-) -> torch.nn.Module:
-    """Fill ``module`` (typically built on the meta device) from the safetensors in ``folder``,
-    strictly (see ``check_keys``).  Floating tensors are cast to ``dtype`` (None keeps the
-    stored dtype); quantized (int8 / fp8) tensors are kept as stored."""
-    store = TensorStore(weight_files(folder))
-    sources = check_keys(store, module, from_key, aliases)
-    state = {}
-    for ours, key in sources.items():
-        t = store.get(key)
-        if dtype is not None and t.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            t = t.to(dtype)
-        state[ours] = t.to(device)
-    store.close()
-    module.load_state_dict(state, strict=True, assign=True)
-    log.info("loaded %s (%d tensors)", folder.name, len(state))
-    return module

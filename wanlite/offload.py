@@ -38,22 +38,13 @@ def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t
 
 
-def materialize(
-    module: nn.Module,
-    names: dict[str, str],
-    source: Source,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    fp32: Callable[[str], bool] = lambda name: False,
-) -> None:
-    """Assign every parameter of ``module`` (relative name -> full name in ``names``).
-
-    ``fp32(full_name)`` marks parameters kept in fp32 whatever the compute dtype."""
-    state = {}
-    for rel, full in names.items():
-        t = cast(source(full), torch.float32 if fp32(full) else dtype)
-        state[rel] = t.to(device, non_blocking=True)
-    module.load_state_dict(state, strict=True, assign=True)
+def hand_over(tensors, stream) -> None:
+    """Tensors allocated on the prefetch stream, now used by ``stream``: record that use, so
+    the caching allocator reuses their memory (when the block is released) only once the work
+    queued on ``stream`` so far has finished -- not as soon as the prefetch of the next block
+    asks the side stream for memory while the compute stream may still be reading them."""
+    for t in tensors:
+        t.record_stream(stream)
 
 
 def release(module: nn.Module) -> None:
@@ -70,11 +61,8 @@ class BlockStreamer:
         prefix: str,
         source: Source,
         device: torch.device,
-        dtype: torch.dtype | None,
-        fp32: Callable[[str], bool] = lambda name: False,
     ):
         self.blocks, self.source, self.device = blocks, source, torch.device(device)
-        self.dtype, self.fp32 = dtype, fp32
         self.names = [
             {rel: f"{prefix}.{i}.{rel}" for rel, _ in block.named_parameters()}
             for i, block in enumerate(blocks)
@@ -91,10 +79,7 @@ class BlockStreamer:
 
     def _read(self, i: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
         """Block ``i``'s tensors on the compute device (runs on the prefetch thread)."""
-        state = {}
-        for rel, full in self.names[i].items():
-            t = cast(self.source(full), torch.float32 if self.fp32(full) else self.dtype)
-            state[rel] = t
+        state = {rel: self.source(full) for rel, full in self.names[i].items()}
         if not self.cuda:
             return state, None
         with torch.cuda.stream(self.stream):
@@ -112,7 +97,9 @@ class BlockStreamer:
             self._prefetch(i)
             state, event = self.pending.pop(i).result()
             if event is not None:
-                torch.cuda.current_stream(self.device).wait_event(event)
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_event(event)
+                hand_over(state.values(), compute)
             block.load_state_dict(state, strict=True, assign=True)
             self._prefetch((i + 1) % len(self.blocks))  # the next forward starts at block 0
 

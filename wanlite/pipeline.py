@@ -17,6 +17,7 @@ dropped.  The result always has exactly the requested height, width and frame co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -79,9 +80,10 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] (x/2 + 0.5, clamped, rounded)."""
+    """[1, 3, T, H, W] in [-1, 1] on any device -> uint8 [T, H, W, 3] on the host (x/2 + 0.5,
+    clamped, rounded).  The rounding runs on the device; only uint8 crosses to the host."""
     x = (video[0].float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).contiguous().numpy()
+    return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
 
 class Pipeline:
@@ -99,51 +101,58 @@ class Pipeline:
         with meter.phase("load"):
             # Headers only: every key and shape is checked now, weights are read when needed.
             self.components = components(self.path, self.cfg, self.options, self.device, self.dtype)
+            text_encoder = self.components["text_encoder"]
             self.embeddings = EmbeddingCache(
-                self.path,
-                self.components["text_encoder"],
-                self.dtype,
-                disk=self.options.embed_cache,
+                self.path, text_encoder.quant, self.dtype, disk=self.options.embed_cache
             )
             if self.options.offload == "none":
+                resident = planner.Placement("none", False, False, planner.Estimate(0, 0, 0))
                 for name in ("text_encoder", "transformer", "vae"):
-                    self._acquire(name, "none")
+                    self._acquire(name, resident)
         self.load_seconds = time.perf_counter() - t0
         self.load_peak = meter.peaks["load"]
-        self.offload = self.options.offload  # the mode used by the last call
-        self.vae_tiled = self.cfg_batched = False
+        self.placement: planner.Placement | None = None  # the last call's
         self.stats: dict = {}
 
-    def _acquire(self, name: str, offload: str) -> torch.nn.Module:
-        # The umT5 is streamed whenever offload is on (it runs once per new prompt, so reading
-        # its layers as it goes costs little); the DiT only in "blocks" mode.  The umT5's token
-        # embedding (256k x 4096: 4 GiB in fp32) is never read whole: a prompt needs only its
-        # own rows, read from the checkpoint on demand (exact, and a few KB per new prompt).
-        streamed = (name == "text_encoder" and offload != "none") or (
-            name == "transformer" and offload == "blocks"
-        )
+    def _acquire(self, name: str, place: planner.Placement) -> torch.nn.Module:
+        # The umT5's token embedding (256k x 4096: 4 GiB in fp32) is never read whole: a prompt
+        # needs only its own rows, read from the checkpoint on demand (exact, a few KB each).
         rows = "token_embedding" if name == "text_encoder" else None
-        return self.components[name].acquire(
-            stream_blocks=streamed,
-            row_embedding=rows,
-            quantize=not (streamed and name == "text_encoder"),
+        return self.components[name].acquire(stream_blocks=place.streamed(name), row_embedding=rows)
+
+    def _settle(self, place: planner.Placement) -> None:
+        """Release what the placement does not keep: after each phase, and after a call that
+        stopped part-way (cancelled, out of memory), so nothing stays loaded by accident."""
+        for name, comp in self.components.items():
+            if not place.kept(name):
+                comp.release()
+
+    def place(self, size: Plan) -> planner.Placement:
+        """The placement of one call, from the planner (logged)."""
+        held = sum(c.resident_bytes() for c in self.components.values())
+        place = planner.choose(
+            self.cfg,
+            size.latent_shape,
+            self.options,
+            self.device,
+            self.dtype.itemsize,
+            held,
+            t5_quant=self.components["text_encoder"].quant,
         )
-
-    def _release(self, name: str, offload: str) -> None:
-        if offload != "none":
-            self.components[name].release()
-
-    @property
-    def dit(self) -> torch.nn.Module:
-        return self._acquire("transformer", self.offload)
-
-    @property
-    def vae(self) -> torch.nn.Module:
-        return self._acquire("vae", self.offload)
+        log.info(
+            "offload=%s, tiled VAE=%s, CFG batched=%s, estimated peak %.2f GiB",
+            place.offload,
+            place.vae_tiled,
+            place.cfg_batched,
+            place.estimate.peak / 2**30,
+        )
+        return place
 
     # -- phases ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
+    def encode_texts(
+        self, texts: list[str], place: planner.Placement
+    ) -> tuple[torch.Tensor, list[int]]:
         """(embeddings [B, 512, text_dim] zero-padded after each text's tokens, token counts).
 
         Repeated prompts (and the default negative prompt) come from the embedding cache."""
@@ -151,7 +160,7 @@ class Pipeline:
         found = {t: self.embeddings.get(t) for t in set(cleaned)}
         todo = [t for t, e in found.items() if e is None]
         if todo:
-            for t, e in zip(todo, self._encode(todo)):
+            for t, e in zip(todo, self._encode(todo, place)):
                 found[t] = e
                 self.embeddings.put(t, e)
         out = torch.zeros(len(texts), MAX_TOKENS, self.cfg.t5.d_model, dtype=self.dtype)
@@ -160,7 +169,7 @@ class Pipeline:
             out[i, : e.shape[0]] = e
         return out.to(self.device), [found[t].shape[0] for t in cleaned]
 
-    def _encode(self, texts: list[str]) -> list[torch.Tensor]:
+    def _encode(self, texts: list[str], place: planner.Placement) -> list[torch.Tensor]:
         """Run the text encoder: one [n_i, d_model] tensor per (cleaned) text.
 
         One text at a time, each cut to its real length: encoder outputs at real tokens do not
@@ -168,7 +177,7 @@ class Pipeline:
         only on distances), so this is exact and 512/n times less work than encoding the padded
         batch -- and an embedding then depends only on (model, text), never on which other
         text shared its batch, so cached and fresh embeddings are bit-identical."""
-        encoder = self._acquire("text_encoder", self.offload)
+        encoder = self._acquire("text_encoder", place)
         out = []
         for text in texts:
             ids, mask = self.tokenizer([text], max_length=MAX_TOKENS)
@@ -186,22 +195,24 @@ class Pipeline:
         lengths: list[int],
         num_steps: int,
         guidance_scale: float,
+        place: planner.Placement,
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """The denoising loop as a generator: yields (step index, fp32 latents) after each step.
 
         ``contexts`` is [1 or 2, 512, text_dim] (cond[, uncond]) in the DiT dtype, zero-padded
-        after ``lengths`` tokens.  Runs the CFG branches as planned (``self.cfg_batched``),
-        gates the unconditional pass (``cfg_skip_last``) and applies the step cache; counts go
-        to ``self.stats``."""
+        after ``lengths`` tokens.  Runs the CFG branches as placed (batched or not), gates the
+        unconditional pass (``cfg_skip_last``) and applies the step cache; counts go to
+        ``self.stats``."""
         o = self.options
         timesteps, sigmas = timesteps_and_sigmas(self.cfg.scheduler, num_steps)
         state = unipc_init(self.cfg.scheduler, sigmas)
         latents = latents.to(self.device)
-        dit = self.dit
+        dit = self._acquire("transformer", place)
         branches = Branches(dit, contexts, lengths, o.cache, o.cache_threshold)
         cfg = len(lengths) == 2
+        batched = cfg and place.cfg_batched
         cfg_steps = num_steps - int(o.cfg_skip_last * num_steps) if cfg else 0
-        self.stats = {"cfg_batched": cfg and self.cfg_batched, "cfg_steps": cfg_steps}
+        self.stats = {"cfg_batched": batched, "cfg_steps": cfg_steps}
         # The time embeddings of the whole schedule, once: [steps, D] and [steps, 6, D] fp32.
         e, e0 = dit.time_embeddings(timesteps.to(self.device, torch.float32), len(timesteps))
         for i in range(num_steps):
@@ -210,7 +221,7 @@ class Pipeline:
             last = i == num_steps - 1
             if i >= cfg_steps:
                 pred = branches.run("cond", x, temb, last)
-            elif self.cfg_batched:
+            elif batched:
                 cond, uncond = branches.run("both", x.expand(2, -1, -1, -1, -1), temb, last)
                 pred = uncond + guidance_scale * (cond - uncond)
             else:
@@ -222,16 +233,17 @@ class Pipeline:
         self.stats |= branches.counts()
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode(self, latents: torch.Tensor, place: planner.Placement) -> Iterator[torch.Tensor]:
         """Yield decoded chunks [1, 3, t, H, W] in [-1, 1] (un-normalizes the latents first)."""
         vcfg = self.cfg.vae
         mean = torch.tensor(vcfg.latents_mean).view(1, -1, 1, 1, 1)
         inv_std = 1.0 / torch.tensor(vcfg.latents_std).view(1, -1, 1, 1, 1)
         z = (latents.float().cpu() / inv_std + mean).to(self.device)  # diffusers' op order
-        if self.vae_tiled:
-            yield from iter_decode_tiled(self.vae, z, planner.VAE_TILE, planner.VAE_OVERLAP)
+        vae = self._acquire("vae", place)
+        if place.vae_tiled:
+            yield from iter_decode_tiled(vae, z, planner.VAE_TILE, planner.VAE_OVERLAP)
         else:
-            yield from self.vae.iter_decode(z)
+            yield from vae.iter_decode(z)
 
     # -- the public call ------------------------------------------------------------------
     @torch.inference_mode()
@@ -273,83 +285,89 @@ class Pipeline:
         seed = p.seed if p.seed is not None else secrets.randbelow(2**32)
         log.info(
             "generating %dx%d, %d frames, %d steps, guidance %g, seed %d",
-            p.width,
-            p.height,
-            p.num_frames,
-            p.num_inference_steps,
-            p.guidance_scale,
-            seed,
+            *(p.width, p.height, p.num_frames, p.num_inference_steps, p.guidance_scale, seed),
         )
-        plan = Plan.for_request(p, self.cfg)
-        held = sum(c.resident_bytes() for c in self.components.values())
-        choice = planner.choose(
-            self.cfg, plan.latent_shape, self.options, self.device, self.dtype.itemsize, held
-        )
-        self.offload, self.vae_tiled = choice.offload, choice.tiled
-        self.cfg_batched = choice.cfg_batched
-        log.info(
-            "offload=%s, tiled VAE=%s, CFG batched=%s, estimated peak %.2f GiB",
-            self.offload,
-            self.vae_tiled,
-            self.cfg_batched,
-            choice.estimate.peak / 2**30,
-        )
-        meter, timings = PeakMeter(self.device), {}
-        loading = sum(c.load_seconds for c in self.components.values())
+        size = Plan.for_request(p, self.cfg)
+        place = self.placement = self.place(size)
+        run = _Run(self)
+        try:
+            with run.phase("encode"):
+                contexts, lengths = self._encode_phase(p, place)
+            with run.phase("denoise"):
+                latents = initial_noise(size.latent_shape, seed)
+                latents = self._denoise_phase(
+                    p, latents, contexts, lengths, place, callback, progress
+                )
+            empty = np.zeros((0, p.height, p.width, 3), np.uint8)
+            video = Video(empty, seed, params=p.to_dict(), latents=latents)
+            if output_type == "frames":
+                with run.phase("decode"):
+                    self._decode_phase(video, latents, size, p, place, save_to)
+        finally:
+            self._settle(place)
+        return run.finish(video)
 
-        t0 = time.perf_counter()
-        with meter.phase("encode"):
-            cfg_on = p.guidance_scale > 1.0
-            texts = [p.prompt, p.negative_prompt] if cfg_on else [p.prompt]
-            contexts, lengths = self.encode_texts(texts)
-            contexts = contexts.to(self.dtype)
-            self._release("text_encoder", self.offload)
-        timings["encode"] = time.perf_counter() - t0
+    def _encode_phase(self, p: GenerationParams, place: planner.Placement):
+        texts = [p.prompt, p.negative_prompt] if p.guidance_scale > 1.0 else [p.prompt]
+        contexts, lengths = self.encode_texts(texts, place)
+        self._settle(place)
+        return contexts.to(self.dtype), lengths
 
-        t0 = time.perf_counter()
-        with meter.phase("denoise"):
-            latents = initial_noise(plan.latent_shape, seed)
-            steps = self.denoise(
-                latents, contexts, lengths, p.num_inference_steps, p.guidance_scale
-            )
-            bar = tqdm(total=p.num_inference_steps, desc="denoise", disable=not progress)
-            with bar:
-                for i, latents in steps:
-                    bar.update(1)
-                    if callback is not None:
-                        callback(i, p.num_inference_steps, latents)
-            self._release("transformer", self.offload)
-        timings["denoise"] = time.perf_counter() - t0
+    def _denoise_phase(self, p, latents, contexts, lengths, place, callback, progress):
+        n = p.num_inference_steps
+        steps = self.denoise(latents, contexts, lengths, n, p.guidance_scale, place)
+        with tqdm(total=n, desc="denoise", disable=not progress) as bar:
+            for i, latents in steps:
+                bar.update(1)
+                if callback is not None:
+                    callback(i, n, latents)
+        self._settle(place)
+        return latents
 
-        empty = np.zeros((0, p.height, p.width, 3), np.uint8)
-        video = Video(empty, seed, params=p.to_dict(), latents=latents)
-        if output_type == "frames":
-            t0 = time.perf_counter()
-            with meter.phase("decode"):
-                chunks = self._iter_frames(latents, plan, p)
-                if save_to is None:
-                    video.frames = np.concatenate(list(chunks))
-                else:  # frames go straight to the encoder; only one chunk is ever held
-                    video.path = write_mp4(save_to, chunks, p.height, p.width, video.fps)
-                self._release("vae", self.offload)
-            timings["decode"] = time.perf_counter() - t0
-        video.timings = timings
-        video.weights_seconds = sum(c.load_seconds for c in self.components.values()) - loading
-        video.stats = dict(self.stats)
-        video.peak_memory = dict(meter.peaks)
-        return video
+    def _decode_phase(self, video, latents, size, p, place, save_to) -> None:
+        chunks = self._iter_frames(latents, size, p, place)
+        if save_to is None:
+            video.frames = np.concatenate(list(chunks))
+        else:  # frames go straight to the encoder; only one chunk is ever held
+            video.path = write_mp4(save_to, chunks, p.height, p.width, video.fps)
+        self._settle(place)
 
-    def _iter_frames(self, latents: torch.Tensor, plan: Plan, p: GenerationParams):
+    def _iter_frames(self, latents: torch.Tensor, size: Plan, p: GenerationParams, place):
         """uint8 frame chunks [n, height, width, 3], cropped and trimmed to the request."""
-        top, left = (plan.height - p.height) // 2, (plan.width - p.width) // 2
+        top, left = (size.height - p.height) // 2, (size.width - p.width) // 2
         n = 0
-        for chunk in self.decode(latents):
+        for chunk in self.decode(latents, place):
             frames = to_uint8(chunk)[:, top : top + p.height, left : left + p.width]
             frames = frames[: p.num_frames - n]
             n += len(frames)
             yield np.ascontiguousarray(frames)
             if n >= p.num_frames:
                 return
+
+
+class _Run:
+    """Per-call bookkeeping: seconds and peak memory per phase, seconds spent reading weights."""
+
+    def __init__(self, pipe: Pipeline):
+        self.pipe, self.meter, self.timings = pipe, PeakMeter(pipe.device), {}
+        self.loading = self._weight_seconds()
+
+    def _weight_seconds(self) -> float:
+        return sum(c.load_seconds for c in self.pipe.components.values())
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        with self.meter.phase(name):
+            yield
+        self.timings[name] = time.perf_counter() - t0
+
+    def finish(self, video: Video) -> Video:
+        video.timings = self.timings
+        video.weights_seconds = self._weight_seconds() - self.loading
+        video.stats = dict(self.pipe.stats)
+        video.peak_memory = dict(self.meter.peaks)
+        return video
 
 
 class Branches:

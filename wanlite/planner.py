@@ -26,13 +26,13 @@ from dataclasses import dataclass
 import torch
 
 from .configs import ModelConfig
+from .dit import FFN_CHUNK
 from .options import Options, parse_bytes
 
 log = logging.getLogger(__name__)
 
 RUNTIME_BASE = 400 * 2**20  # the torch runtime and Python objects, measured RSS on CPU
 VAE_BYTES_PER_PIXEL_CHANNEL = 200  # peak decode bytes per output pixel per base_dim channel
-FFN_CHUNK = 4096  # tokens per FFN chunk
 VAE_TILE = 32  # latent pixels (256 output pixels) per tile side
 VAE_OVERLAP = 8
 
@@ -66,11 +66,27 @@ def t5_params(cfg: ModelConfig) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class Choice:
+class Placement:
+    """Where the weights live during one call, made once by :func:`choose` and passed down.
+
+    ``offload`` is the mode picked ("none" | "model" | "blocks"); the questions below are the
+    only places that interpret it."""
+
     offload: str
-    tiled: bool
+    vae_tiled: bool
     cfg_batched: bool
     estimate: Estimate
+
+    def streamed(self, component: str) -> bool:
+        """Read layer by layer as it runs: the umT5 whenever offload is on (it runs once per new
+        prompt), the DiT's blocks only in "blocks" mode."""
+        if component == "text_encoder":
+            return self.offload != "none"
+        return component == "transformer" and self.offload == "blocks"
+
+    def kept(self, component: str) -> bool:
+        """Resident after its phase (only without offload: the fastest repeated calls)."""
+        return self.offload == "none"
 
 
 @dataclass(frozen=True)
@@ -95,11 +111,13 @@ def estimate(
     quant: str,
     offload: str,
     tiled: bool,
+    t5_quant: str = "none",
     prompt_tokens: int = 512,
     cfg_batch: int = 1,
 ) -> Estimate:
     """Peak bytes per phase; ``cfg_batch=2`` when both CFG passes run as one batch (the DiT
-    activations double)."""
+    activations double).  ``quant`` is the DiT's; ``t5_quant`` the umT5's as stored (it is
+    never quantized in RAM: it runs once per new prompt)."""
     qb = 1 if quant in ("int8", "fp8") else compute_bytes
     blocks_lin, dit_other = dit_params(cfg)
     per_block = blocks_lin // cfg.dit.num_layers
@@ -110,7 +128,7 @@ def estimate(
     if offload != "none":  # streamed: two layers (cast to the compute dtype)
         t5_w = 2 * layer * compute_bytes + rows
     else:
-        t5_w = (t.num_layers * layer) * qb + rows
+        t5_w = (t.num_layers * layer) * (1 if t5_quant != "none" else compute_bytes) + rows
     n = 2 * prompt_tokens
     t5_act = 8 * n * t.d_model * 4 + 2 * t.num_heads * prompt_tokens**2 * 4
     t5_act += 3 * prompt_tokens * t.d_ff * 4
@@ -142,7 +160,9 @@ def vae_params(cfg: ModelConfig) -> int:
 def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return free
+        return cuda_available(
+            free, torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+        )
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -153,6 +173,14 @@ def available_memory(device: torch.device) -> int:
     return 8 * 2**30  # unknown: assume a small machine
 
 
+def cuda_available(free: int, reserved: int, allocated: int) -> int:
+    """Free device memory for this process: the driver's free bytes plus what PyTorch's caching
+    allocator holds but no tensor uses (reserved - allocated).  Without that, memory freed by
+    the previous call still looks used, and a second call may switch to offload it does not
+    need."""
+    return free + max(reserved - allocated, 0)
+
+
 def choose(
     cfg: ModelConfig,
     latent_shape: tuple[int, int, int, int],
@@ -160,7 +188,8 @@ def choose(
     device: torch.device,
     compute_bytes: int,
     held: int = 0,
-) -> Choice:
+    t5_quant: str = "none",
+) -> Placement:
     """Offload mode, tiled decode and CFG batching for one request under the options' budget:
     the first (least offloaded, untiled) setting that fits; CFG is batched only if it still
     fits with the doubled activations ("auto"), or as forced.
@@ -175,7 +204,7 @@ def choose(
     )
     modes = ("none", "model", "blocks") if options.offload == "auto" else (options.offload,)
     tilings = {"on": (True,), "off": (False,), "auto": (False, True)}[options.vae_tiling]
-    kw = dict(compute_bytes=compute_bytes, quant=options.quant)
+    kw = dict(compute_bytes=compute_bytes, quant=options.quant, t5_quant=t5_quant)
 
     def est2(mode: str, tiled: bool) -> Estimate:
         return estimate(cfg, latent_shape, offload=mode, tiled=tiled, cfg_batch=2, **kw)
@@ -186,7 +215,7 @@ def choose(
             if est.peak <= budget:
                 doubled = est2(mode, tiled)
                 batched = _batched(options, budget, doubled)
-                return Choice(mode, tiled, batched, doubled if batched else est)
+                return Placement(mode, tiled, batched, doubled if batched else est)
     mode, tiled = modes[-1], tilings[-1]
     est = estimate(cfg, latent_shape, offload=mode, tiled=tiled, **kw)
     batched = options.cfg_batch == "on"
@@ -197,7 +226,7 @@ def choose(
         mode,
         tiled,
     )
-    return Choice(mode, tiled, batched, est)
+    return Placement(mode, tiled, batched, est)
 
 
 def _batched(options: Options, budget: int, batched_estimate: Estimate) -> bool:

@@ -95,15 +95,6 @@ def to_x0(sample: torch.Tensor, model_output: torch.Tensor, sigma: float) -> tor
     return sample - float(sigma) * model_output
 
 
-def euler_step(
-    sample: torch.Tensor, model_output: torch.Tensor, sigma: float, sigma_next: float
-) -> torch.Tensor:
-    """One flow-matching Euler step from ``sigma`` to ``sigma_next``, in fp32."""
-    f32 = torch.float32
-    dt = float(torch.as_tensor(sigma_next, dtype=f32) - torch.as_tensor(sigma, dtype=f32))
-    return sample.float() + dt * model_output.float()
-
-
 @dataclass(frozen=True)
 class UniPCState:
     """Everything UniPC carries between steps; never mutated (``unipc_step`` returns a new one)."""
@@ -194,7 +185,6 @@ def unipc_step(
 
 __all__ = [
     "UniPCState",
-    "euler_step",
     "timesteps_and_sigmas",
     "to_x0",
     "unipc_init",
