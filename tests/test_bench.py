@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from wanlite.bench import parse_modes
+from wanlite import bench
+from wanlite.bench import parse_modes, within_noise
 from wanlite.cli import main
 
 
@@ -27,7 +28,7 @@ def test_bench_command_writes_table_json_and_chart(tiny_checkpoint, tmp_path, ca
     out = tmp_path / "b"
     argv = ["bench", "--model", str(tiny_checkpoint), "--modes", "exact,firstblock:1e6"]
     argv += ["--height", "32", "--width", "32", "--num-frames", "5", "--steps", "4"]
-    assert main([*argv, "--device", "cpu", "--out", str(out)]) == 0
+    assert main([*argv, "--device", "cpu", "--out", str(out), "--repeat", "2"]) == 0
     printed = capsys.readouterr().out
     assert "firstblock:1e6" in printed and "s/step" in printed
     result = json.loads(printed.strip().splitlines()[-1])
@@ -37,6 +38,27 @@ def test_bench_command_writes_table_json_and_chart(tiny_checkpoint, tmp_path, ca
     assert cached["fidelity_vs_exact"]["latents_max_abs_diff"] > 0
     assert json.loads((out / "bench.json").read_text())["params"]["num_frames"] == 5
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(exact["denoise_s_each"]) == 2 and exact["speedup_within_noise"]  # itself
+    assert isinstance(cached["speedup_within_noise"], bool)
+
+
+def test_within_noise():
+    assert within_noise([1.0], [2.0])  # one run each: no spread measured, nothing to claim
+    assert within_noise([1.0, 1.2], [1.1, 1.5])  # overlapping ranges
+    assert not within_noise([1.0, 1.1], [1.5, 1.6])
+
+
+def test_bench_without_matplotlib_prints_and_writes_json(
+    tiny_checkpoint, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(bench, "_pyplot", lambda: None)
+    out = tmp_path / "b"
+    argv = ["bench", "--model", str(tiny_checkpoint), "--modes", "exact", "--repeat", "1"]
+    argv += ["--height", "16", "--width", "16", "--num-frames", "1", "--steps", "1"]
+    assert main([*argv, "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "no chart: pip install 'wanlite[bench]'" in printed and "s/step" in printed
+    assert (out / "bench.json").is_file() and not (out / "bench.png").exists()
 
 
 def test_bench_bad_mode_is_a_clear_error(capsys):

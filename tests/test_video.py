@@ -28,3 +28,16 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - PyAV raises its own types
         Video(bad, seed=0).save(tmp_path / "v.mp4")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_file_gets_the_usual_mode_under_the_umask(tmp_path, umask):
+    """Written through a 0600 temp file, the MP4 still gets 0666 & ~umask, like open()."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        path = Video(np.zeros((1, 8, 8, 3), np.uint8), seed=0).save(tmp_path / f"{umask}.mp4")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~umask

@@ -159,7 +159,16 @@ def _median(rs: list[dict], steps: int) -> dict:
     out["peak"] = max(r["peak"] for r in rs)
     out["runs"] = len(rs)
     out["generate_s_each"] = [r["generate_s"] for r in rs]
+    out["denoise_s_each"] = [r["phase_seconds"]["denoise"] for r in rs]
     return out
+
+
+def within_noise(a: list[float], b: list[float]) -> bool:
+    """Whether two rows' run times cannot be told apart: one run each (no spread measured), or
+    their ranges over the repeated runs overlap."""
+    if len(a) < 2 or len(b) < 2:
+        return True
+    return min(a) <= max(b) and min(b) <= max(a)
 
 
 def add_fidelity(results: dict[str, dict], exact: str) -> None:
@@ -168,6 +177,9 @@ def add_fidelity(results: dict[str, dict], exact: str) -> None:
         r["fidelity_vs_exact"] = compare(Path(results[exact]["npz"]), Path(r["npz"]))
         r["speedup_vs_exact"] = results[exact]["phase_seconds"]["denoise"] / max(
             r["phase_seconds"]["denoise"], 1e-9
+        )
+        r["speedup_within_noise"] = within_noise(
+            results[exact]["denoise_s_each"], r["denoise_s_each"]
         )
 
 
@@ -208,13 +220,21 @@ def table(results: dict[str, dict], ref: str | None = None) -> str:
             f"{name:<20}{ph['encode']:>9.1f}{ph['denoise']:>10.1f}{ph['decode']:>9.1f}"
             f"{r['s_per_step']:>8.2f}{r['generate_s']:>9.1f}{_num(r.get('weights_s')):>10}"
             f"{r['peak'] / 2**30:>9.2f}"
-            f"{'-' if speed is None else f'{speed:.2f}':>8}{skipped:>8}"
+            f"{_speed(speed, r.get('speedup_within_noise')):>8}{skipped:>8}"
             f"{db:>8.1f}{lat:>9.1e}"
         )
         if ref is not None:
             row += f"{r['generate_s'] / results[ref]['generate_s']:>11.3f}"
         lines.append(row)
+    lines.append(
+        "x exact: denoise speed-up (medians); ~ marks a difference within the run-to-run "
+        "spread (ranges of the repeated runs overlap, or one run only)"
+    )
     return "\n".join(lines)
+
+
+def _speed(speed: float | None, noise: bool | None) -> str:
+    return "-" if speed is None else f"{'~' if noise else ''}{speed:.2f}"
 
 
 def _num(x: float | None) -> str:
@@ -222,21 +242,23 @@ def _num(x: float | None) -> str:
 
 
 def _pyplot():
+    """matplotlib's pyplot, or None when it is not installed (only the chart needs it)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError(
-            "the bench chart needs matplotlib: pip install 'wanlite[bench]'"
-        ) from None
+        return None
     return plt
 
 
-def chart(results: dict[str, dict], path: Path, title: str) -> Path:
-    """Stacked bars of seconds per phase for each mode, labelled with the PSNR vs exact."""
+def chart(results: dict[str, dict], path: Path, title: str) -> Path | None:
+    """Stacked bars of seconds per phase for each mode, labelled with the PSNR vs exact; None
+    without matplotlib."""
     plt = _pyplot()
+    if plt is None:
+        return None
     names = list(results)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4.5))
     bottom = np.zeros(len(names))
@@ -267,7 +289,8 @@ def main(args) -> int:
     from .params import validate
 
     modes = parse_modes(args.modes)
-    _pyplot()  # before hours of runs, not after
+    if args.repeat < 1:
+        raise ValueError(f"--repeat must be at least 1, got {args.repeat}")
     params = validate(
         prompt=args.prompt,
         height=args.height,
@@ -291,7 +314,10 @@ def main(args) -> int:
     print(table(results))
     (out / "bench.json").write_text(json.dumps({"params": params, "results": results}, indent=1))
     png = chart(results, out / "bench.png", title)
-    print(f"wrote {out / 'bench.json'} and {png}")
+    if png is None:
+        print(f"wrote {out / 'bench.json'} (no chart: pip install 'wanlite[bench]' for matplotlib)")
+    else:
+        print(f"wrote {out / 'bench.json'} and {png}")
     print(json.dumps({"params": params, "results": results}))
     return 0
 

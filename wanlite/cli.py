@@ -70,7 +70,13 @@ def _add_bench(sub) -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--repeat", type=int, default=1, help="runs per mode; medians are reported")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs per mode, interleaved; medians are reported (default 3: one run's "
+        "differences are noise)",
+    )
     add_runtime_options(p, defaults=False)
 
 

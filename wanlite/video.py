@@ -26,6 +26,20 @@ def pixel_format(height: int, width: int) -> str:
     return "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
 
 
+def file_mode() -> int:
+    """The mode a new file gets from ``open()``: 0o666 under the process umask.  ``mkstemp``
+    makes its file 0600, which would keep the video from other users and web servers."""
+    try:  # read without changing it: os.umask() sets the process-wide mask, a race in threads
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_mp4(
     path: str | os.PathLike, chunks: Iterable[np.ndarray], height: int, width: int, fps: int = FPS
 ) -> Path:
@@ -47,6 +61,7 @@ def write_mp4(
                     vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
                     container.mux(stream.encode(vf))
             container.mux(stream.encode())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
