@@ -17,12 +17,30 @@ def tiny_checkpoint():
     return ensure_random_checkpoint("tiny")
 
 
+# Tests that need a GPU carry ``@pytest.mark.cuda``; here they are skipped with one reason, and
+# ``scripts/gpu_check.py`` lists them (``pytest --collect-only -m cuda``) and runs them on a GPU.
+CUDA_SKIP_REASON = "needs a CUDA device"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"cuda: {CUDA_SKIP_REASON} (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=CUDA_SKIP_REASON)
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_checkpoint):
     from wanlite import Options
     from wanlite.pipeline import Pipeline
 
-    return Pipeline(tiny_checkpoint, Options(device="cpu"))
+    return Pipeline(tiny_checkpoint, Options(device="cpu", dtype="float32"))
 
 
 @pytest.fixture(scope="session")
