@@ -97,6 +97,9 @@ class Component:
         self.streamed = False  # how self.module was made: blocks streamed or resident
         self.streamer: BlockStreamer | None = None
         self._compact: dict[str, torch.Tensor] | None = None
+        # LoRA (``wanlite.lora``): our parameter name -> fp32 delta of the same shape, or None.
+        # Merged as each weight is read, before any quantization (see ``_merged``).
+        self.delta: Callable[[str], torch.Tensor | None] | None = None
         self.load_seconds = 0.0  # total time spent materializing weights (reads, casts, prep)
 
     def _skeleton(self, quant: str) -> nn.Module:
@@ -110,7 +113,27 @@ class Component:
         stored in the checkpoint."""
         if self._compact is not None:
             return self._compact[name]
-        return self.store.get(self.names[name])
+        return self._merged(name)
+
+    def _merged(self, name: str) -> torch.Tensor:
+        """The stored tensor, plus its LoRA delta if there is one (then in fp32; a weight stored
+        quantized is dequantized first, and quantized again by :meth:`quantized`)."""
+        t = self.store.get(self.names[name])
+        d = None if self.delta is None else self.delta(name)
+        return t if d is None else self._dequantized(name, t).float() + d
+
+    def _dequantized(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (parameter ``name``) in full precision: a stored int8 / fp8 weight times its
+        per-row scale, a floating one as it is."""
+        if t.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return t
+        return t.float() * self.store.get(self.names[name + "_scale"]).float()[:, None]
+
+    def _in_ram(self) -> bool:
+        """Quantized in RAM: asked for on a full-precision checkpoint, or a pre-quantized one
+        with a LoRA to merge (dequantize, add, quantize again)."""
+        lora = self.delta is not None and self.stored_quant != "none"
+        return self.quant != self.stored_quant or lora
 
     def load(self, name: str) -> torch.Tensor:
         """Parameter ``name`` on the host, ready to use: floating weights in the compute dtype,
@@ -132,7 +155,7 @@ class Component:
             if layer not in qlayers or attr == "bias":
                 yield name, source(name)
             elif attr == "weight":
-                w, s = quantize_weight(self.store.get(self.names[name]), mode)
+                w, s = quantize_weight(self._dequantized(name, self._merged(name)), mode)
                 yield name, w
                 yield layer + ".weight_scale", s
                 # Return the freed full-precision pages now: the kept int8 tensors sit between
@@ -147,7 +170,7 @@ class Component:
             return self.module
         self.release()
         t0 = time.perf_counter()
-        in_ram = self.quant != self.stored_quant
+        in_ram = self._in_ram()
         module = self._skeleton(self.quant)
         if in_ram:
             self._compact = dict(self.quantized(module, self.quant, skip=row_embedding))

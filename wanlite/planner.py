@@ -31,7 +31,7 @@ from .options import Options, parse_bytes
 
 log = logging.getLogger(__name__)
 
-RUNTIME_BASE = 400 * 2**20  # the torch runtime and Python objects, measured RSS on CPU
+RUNTIME_BASE = 400 * 2**20  # the torch runtime and Python objects (RSS on CPU, a calibration)
 VAE_BYTES_PER_PIXEL_CHANNEL = 200  # peak decode bytes per output pixel per base_dim channel
 VAE_TILE = 32  # latent pixels (256 output pixels) per tile side
 VAE_OVERLAP = 8

@@ -51,7 +51,7 @@ _ONEDNN = torch.backends.mkldnn.is_available()
 
 def conv3d(x: Tensor, w: Tensor, b: Tensor | None, stride=(1, 1, 1), padding=(0, 0, 0)) -> Tensor:
     """F.conv3d, but float32 on CPU always goes through oneDNN: PyTorch's size heuristic
-    sends batch-1 chunks with few frames to its im2col kernel, up to 4x slower here."""
+    sends batch-1 chunks with few frames to its much slower im2col kernel."""
     if x.is_cpu and x.dtype == torch.float32 and _ONEDNN and torch.backends.mkldnn.enabled:
         return torch.ops.aten.mkldnn_convolution(x, w, b, padding, stride, (1, 1, 1), 1)
     return F.conv3d(x, w, b, stride, padding)
