@@ -46,8 +46,7 @@ def block_check() -> dict:
     import torch
 
     from wanlite.configs import FULL
-    from wanlite.dit import WanDiT
-    from wanlite.planner import FFN_CHUNK
+    from wanlite.dit import FFN_CHUNK, WanDiT
     from wanlite.random_checkpoint import random_state_dict
 
     cfg = FULL.dit
@@ -76,6 +75,44 @@ def block_check() -> dict:
         "estimated_activation_bytes": estimate,
         "seconds": seconds,
     }
+
+
+def decode_run(path: str, size: str, tiled: bool) -> dict:
+    """One generation (1 step, no CFG) whose decode phase is measured: peak RSS of the phase
+    against the planner's decode estimate for the same call."""
+    h, w, f = (int(v) for v in size.split("x"))
+    params = bench_params(h, w, f, 1, 1.0)
+    opts = dict(device="cpu", dtype="float32", offload="model", embed_cache=False)
+    return wanlite_generate(path, params, opts | {"vae_tiling": "on" if tiled else "off"})
+
+
+def decode_check(sizes: list[str], argv: list[str], tmp: Path) -> list[dict]:
+    """Tiled vs untiled decode at each size, each in its own process: measured decode peak,
+    the planner's estimate, decode seconds, and the tiled frames' PSNR against untiled."""
+    rows = []
+    for size in sizes:
+        runs = {}
+        for tiled in (False, True):
+            name = f"decode-{size}-{'tiled' if tiled else 'untiled'}"
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            runs[tiled] = run_worker(Path(__file__), [name, "--out", str(tmp / name), *argv])
+        fid = compare(tmp / f"decode-{size}-untiled.npz", tmp / f"decode-{size}-tiled.npz")
+        for tiled, r in runs.items():
+            measured, est = r["phase_peaks"]["decode"], r["estimate"]["decode"]
+            rows.append(
+                dict(size=size, tiled=tiled, measured=measured, estimate=est,
+                     ratio=est / measured, seconds=r["phase_seconds"]["decode"],
+                     psnr_vs_untiled=fid["psnr_db"] if tiled else None)
+            )  # fmt: skip
+    print("\nVAE decode (full shapes, fp32, offload model): size, tiling: measured peak GiB, "
+          "planner GiB (ratio), seconds, PSNR tiled vs untiled")  # fmt: skip
+    for r in rows:
+        psnr = "" if r["psnr_vs_untiled"] is None else f", {r['psnr_vs_untiled']:.1f} dB"
+        print(
+            f"  {r['size']:<12} {'tiled' if r['tiled'] else 'untiled':<8} {gib(r['measured'])}"
+            f"  {gib(r['estimate'])} ({r['ratio']:.2f})  {r['seconds']:.1f} s{psnr}"
+        )
+    return rows
 
 
 def planner_table() -> dict:
@@ -108,6 +145,11 @@ def main() -> None:
     p.add_argument("--profiles", default=",".join(PROFILES))
     p.add_argument("--no-block-check", action="store_true")
     p.add_argument("--size", default="full", help="random checkpoint size (tiny: smoke test)")
+    p.add_argument(
+        "--decode-sizes",
+        default="256x256x9,480x640x9",
+        help="HxWxF sizes for the tiled/untiled decode check ('' to skip)",
+    )
     a = p.parse_args()
     from wanlite.loading import resolve_model
 
@@ -117,7 +159,10 @@ def main() -> None:
         return
     if a.worker is not None:
         path = str(resolve_model(f"random:{a.size}"))
-        if a.worker == "diffusers-bf16":
+        if a.worker.startswith("decode-"):
+            _, size, tiling = a.worker.split("-")
+            save_result(decode_run(path, size, tiling == "tiled"), a.out)
+        elif a.worker == "diffusers-bf16":
             save_result(diffusers_phases(path, params, "bfloat16"), a.out)
         else:
             opts = PROFILES[a.worker] | dict(device="cpu", dtype="float32", embed_cache=False)
@@ -126,11 +171,16 @@ def main() -> None:
     resolve_model(f"random:{a.size}")  # build it once, outside the timed workers
     tmp = Path(tempfile.mkdtemp())
     argv = [x for x in sys.argv[1:]]
-    names = ["diffusers-bf16", *a.profiles.split(",")]
+    names = ["diffusers-bf16", *a.profiles.split(",")] if a.profiles else []
     res = {}
     for name in names:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         res[name] = run_worker(Path(__file__), [name, "--out", str(tmp / name), *argv])
+    sizes = [s for s in a.decode_sizes.split(",") if s]
+    decode = decode_check(sizes, argv, tmp) if sizes else None
+    if not names:
+        print(json.dumps({"decode_check": decode}))
+        return
     ref = res["diffusers-bf16"]
     base = "none" if "none" in res else None
     print(
@@ -173,7 +223,13 @@ def main() -> None:
         )
     print(
         json.dumps(
-            {"params": params, "results": res, "planner_832x480x81": plan, "block_check": block}
+            {
+                "params": params,
+                "results": res,
+                "planner_832x480x81": plan,
+                "block_check": block,
+                "decode_check": decode,
+            }
         )
     )
 

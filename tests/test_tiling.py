@@ -47,3 +47,24 @@ def test_tiled_decode_is_close_to_untiled():
     print(f"tiled vs untiled: PSNR {psnr:.1f} dB, max abs diff {(tiled - ref).abs().max():.3f}")
     # Random weights see far across tile borders; the figure is reported in the README.
     assert psnr > 24
+
+
+def test_one_tile_is_decoded_at_a_time():
+    """The causal caches are as big as the decode: tiles decoded in lockstep would hold every
+    tile's cache at once (more than the untiled decode).  At most one tile's decode (and so one
+    cache) may be alive at any time."""
+    vae, z = _vae(), torch.randn(1, 16, 3, 24, 32, generator=torch.Generator().manual_seed(2))
+    real, live, most = vae.iter_decode, [0], [0]
+
+    def counted(x):
+        live[0] += 1
+        most[0] = max(most[0], live[0])
+        try:
+            yield from real(x)
+        finally:
+            live[0] -= 1
+
+    vae.iter_decode = counted
+    chunks = list(iter_decode_tiled(vae, z, tile=16, overlap=8))
+    assert len(tile_starts(24, 16, 8)) * len(tile_starts(32, 16, 8)) > 1
+    assert most[0] == 1 and live[0] == 0 and len(chunks) == 3

@@ -82,6 +82,7 @@ def run_generation(model: str, params: dict, options: dict) -> dict:
         "peak": max(pipe.load_peak, *video.peak_memory.values()),
         "device": str(pipe.device),
         "stats": video.stats,
+        "estimate": pipe.placement.estimate.as_dict(),  # the planner's, for this call
         "arrays": {"latents": video.latents.float().cpu().numpy(), "frames": video.frames},
     }
 

@@ -139,16 +139,26 @@ def estimate(
     dit_act = 8 * tokens * d * 4 + 2 * min(tokens, FFN_CHUNK) * cfg.dit.ffn_dim * compute_bytes
     dit_act += 3 * c * lf * lh * lw * 4 + 2 * 512 * cfg.dit.text_dim * compute_bytes
     dit_act *= cfg_batch
-    s = cfg.vae.spatial_stride
-    region = (min(lh, VAE_TILE) * min(lw, VAE_TILE) if tiled else lh * lw) * s * s
-    vae_w = vae_params(cfg) * 4
-    vae_act = VAE_BYTES_PER_PIXEL_CHANNEL * cfg.vae.base_dim * region
-    vae_act += 2 * 3 * cfg.vae.temporal_stride * lh * lw * s * s * 4  # output chunk + blend
+    vae_w, vae_act = vae_params(cfg) * 4, vae_decode_bytes(cfg, latent_shape, tiled)
     keep_dit = offload == "none"
     return Estimate(
         encode=RUNTIME_BASE + t5_w + t5_act + (dit_w + vae_w if keep_dit else 0),
         denoise=RUNTIME_BASE + dit_w + dit_act + (t5_w + vae_w if keep_dit else 0),
         decode=RUNTIME_BASE + vae_w + vae_act + (dit_w + t5_w if keep_dit else 0),
+    )
+
+
+def vae_decode_bytes(cfg: ModelConfig, latent_shape: tuple[int, ...], tiled: bool) -> int:
+    """VAE decode activations and causal caches: ``VAE_BYTES_PER_PIXEL_CHANNEL`` x base_dim x
+    the output pixels decoded at once (the frame, or one tile: tiles are decoded one at a time),
+    plus the output: one chunk of 4 frames untiled, the whole fp32 video tiled (the tiles are
+    blended into it)."""
+    _, lf, lh, lw = latent_shape
+    s, t = cfg.vae.spatial_stride, cfg.vae.temporal_stride
+    region = (min(lh, VAE_TILE) * min(lw, VAE_TILE) if tiled else lh * lw) * s * s
+    frames = 1 + t * (lf - 1) if tiled else t
+    return (
+        VAE_BYTES_PER_PIXEL_CHANNEL * cfg.vae.base_dim * region + 3 * frames * lh * lw * s * s * 4
     )
 
 

@@ -1,11 +1,16 @@
-"""Spatially tiled VAE decode, streamed frame chunk by frame chunk.
+"""Spatially tiled VAE decode: one tile at a time, all of its frames, blended into the video.
 
-The latent [B, z, T', h, w] is cut into overlapping spatial tiles (in latent pixels).  Every tile
-is decoded by its own ``vae.iter_decode`` generator, so each keeps its own causal temporal cache;
-the generators are advanced in lockstep, one latent frame at a time, and the decoded tiles of
-that chunk are blended into the full frame: inside an overlap the weights ramp linearly from one
-tile to the next (a partition of unity, so flat regions stay flat and seams fade over the whole
-overlap).  Peak memory is set by one tile's decode instead of the full frame's.
+The latent [B, z, T', h, w] is cut into overlapping spatial tiles (in latent pixels).  Each tile
+is decoded on its own, chunk by chunk through ``vae.iter_decode`` (so with its own causal
+temporal cache), and blended into one fp32 output video: inside an overlap the weights ramp
+linearly from one tile to the next (a partition of unity, so flat regions stay flat and seams
+fade over the whole overlap).
+
+Why tile by tile and not all tiles in lockstep: the causal caches (two frames of every conv's
+input) are as large as the decode itself, and in lockstep every tile's cache is alive at once --
+together more than the untiled decode's.  One tile at a time, only one tile's cache and
+activations exist; the price is the output video held whole in fp32 ([B, 3, T, H, W]: 300 MB at
+480x640x81), which is small next to a full-frame decode.  Chunks are yielded at the end.
 
 Tiling changes what convolutions near a tile border see (the neighbour tile's content is replaced
 by padding), so tiled output is close to, not bit-equal with, the untiled decode; the overlap
@@ -55,28 +60,31 @@ def _weights(starts: list[int], tile: int, size: int, scale: int) -> list[torch.
 def iter_decode_tiled(
     vae, z: torch.Tensor, tile: int = 32, overlap: int = 8
 ) -> Iterator[torch.Tensor]:
-    """Like ``vae.iter_decode(z)`` but decoding ``tile`` x ``tile`` latent-pixel tiles."""
+    """Like ``vae.iter_decode(z)`` (the same chunks: 1 frame, then 4 per latent frame) but
+    decoding ``tile`` x ``tile`` latent-pixel tiles one after the other."""
     h, w = z.shape[-2:]
-    scale = vae.cfg.spatial_stride
+    scale, stride = vae.cfg.spatial_stride, vae.cfg.temporal_stride
     hs, ws = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
     wh, ww = _weights(hs, tile, h, scale), _weights(ws, tile, w, scale)
-    gens = [[vae.iter_decode(z[..., y : y + tile, x : x + tile]) for x in ws] for y in hs]
-    while True:
-        out = norm = None
-        for iy, (y, row) in enumerate(zip(hs, gens)):
-            for ix, (x, gen) in enumerate(zip(ws, row)):
-                chunk = next(gen, None)
-                if chunk is None:
-                    return
+    frames = 1 + stride * (z.shape[2] - 1)
+    out = norm = None
+    for iy, y in enumerate(hs):
+        for ix, x in enumerate(ws):
+            wt = wh[iy][:, None] * ww[ix][None, :]  # [tile_h * scale, tile_w * scale]
+            ys = slice(y * scale, y * scale + wt.shape[0])
+            xs = slice(x * scale, x * scale + wt.shape[1])
+            t = 0
+            for chunk in vae.iter_decode(z[..., y : y + tile, x : x + tile]):
                 if out is None:
-                    b, c, t = chunk.shape[:3]
-                    out = chunk.new_zeros(b, c, t, h * scale, w * scale)
+                    out = chunk.new_zeros(
+                        chunk.shape[0], chunk.shape[1], frames, h * scale, w * scale
+                    )
                     norm = chunk.new_zeros(h * scale, w * scale)
-                wt = (wh[iy][:, None] * ww[ix][None, :]).to(chunk)
-                ys, xs = (
-                    slice(y * scale, y * scale + wt.shape[0]),
-                    slice(x * scale, x * scale + wt.shape[1]),
-                )
-                out[..., ys, xs] += chunk * wt
-                norm[ys, xs] += wt
-        yield out / norm
+                n = chunk.shape[2]
+                out[:, :, t : t + n, ys, xs] += chunk * wt.to(chunk)
+                t += n
+            norm[ys, xs] += wt.to(norm)
+    out /= norm
+    yield out[:, :, :1]
+    for t in range(1, frames, stride):
+        yield out[:, :, t : t + stride]
