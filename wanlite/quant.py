@@ -4,19 +4,28 @@
 ``QLinear`` layers that *store* their weight compactly and *compute* in the activation dtype:
 
 - ``"int8"``: symmetric, per output channel: ``w ~= q * s`` with ``q`` int8 in [-127, 127] and
-  ``s = max|w_row| / 127`` (fp32).  Forward: ``(x @ q.T) * s`` -- the scale is applied to the
-  output, which is exact for a per-output-channel scale and saves a full-size multiply.
-- ``"fp8"``: float8 e4m3 storage with a per-output-channel scale ``s = max|w_row| / 448``,
-  upcast per layer to the compute dtype; works on any device (no fp8 matmul needed).
-- ``"bf16"``: plain bf16 storage, upcast per layer (lossless for bf16 checkpoints).
+  ``s = max|w_row| / 127`` (fp32).
+- ``"fp8"``: float8 e4m3 storage with a per-output-channel scale ``s = max|w_row| / 448``;
+  works on any device (no fp8 matmul needed).
 
-On CPU the int8 path casts the int8 weight to fp32 and uses the ordinary fp32 GEMM: measured on
-this project's 2-core CI machine, ``torch._weight_int8pack_mm`` takes 55x longer than that with
-fp32 activations (and bf16 activations are themselves ~6x slower than fp32 there).
+Forward (``qlinear``), by compute dtype:
 
-Layers that stay in full precision (the ``keep`` predicate; see ``dit.QUANT_KEEP`` and
-``t5.QUANT_KEEP``): embeddings, norms, modulation tables, the time/text embedders and the output
-head -- all small, and the ones whose errors are amplified through every block.
+- fp32: ``(x @ q.T) * s`` -- the scale is applied to the output, which is exact for a
+  per-output-channel scale and saves a full-size multiply.
+- bf16 / fp16: the weight is dequantized first, ``(q * s)`` in fp32 rounded once to the compute
+  dtype, then one GEMM in that dtype (bf16 GEMMs run on AMX / tensor cores).  Scaling the output
+  instead would overflow fp16 (``x @ q.T`` is ``1 / s`` = 127 / max|w| times too large) and
+  round ``s`` to bf16 (a systematic per-channel error).  On CPU the dequantization goes by row
+  chunks whose fp32 transient stays in cache: one pass over the int8 weight instead of three
+  over memory, which matters because the weight is re-expanded on every call.
+
+On CPU with fp32 activations the int8 weight is cast to fp32 for the ordinary fp32 GEMM:
+torch's int8 weight-only kernel (``torch._weight_int8pack_mm``) is far slower than that on CPUs
+without int8 matrix units.
+
+Which layers stay in full precision is the caller's ``keep`` predicate (for the DiT,
+``lifecycle.dit_quant_keep``: everything outside the blocks -- small, and feeding every block).
+The umT5's embedding, norms and bias tables stay as they are because they are not Linears.
 """
 
 from __future__ import annotations
@@ -27,15 +36,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODES = ("none", "int8", "fp8", "bf16")
+MODES = ("none", "int8", "fp8")
 FP8 = torch.float8_e4m3fn
 _QMAX = {"int8": 127.0, "fp8": 448.0}
+_STORAGE = {"int8": torch.int8, "fp8": FP8}
+# Elements per dequantization chunk on CPU: a 1 MiB fp32 transient, which stays in L2.
+_DEQUANT_CHUNK = 2**18
 
 
-def quantize_weight(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(stored weight, per-row fp32 scale or None) for a float weight ``[out, in]``."""
-    if mode == "bf16":
-        return w.to(torch.bfloat16), None
+def quantize_weight(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored weight, per-row fp32 scale) for a float weight ``[out, in]``."""
+    if mode not in _QMAX:
+        raise ValueError(f"quantization mode must be one of {MODES[1:]}, got {mode!r}")
     w = w.float()
     scale = w.abs().amax(dim=1).clamp_min(1e-12) / _QMAX[mode]
     q = w / scale[:, None]
@@ -43,40 +55,52 @@ def quantize_weight(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Ten
     return q, scale
 
 
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight * scale[:, None]`` ([out, in]) computed in fp32 and rounded once to ``dtype``."""
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    rows = weight.shape[0]
+    if weight.device.type == "cpu":  # cache-sized row chunks (see the module docstring)
+        rows = max(1, _DEQUANT_CHUNK // max(1, weight.shape[1]))
+    for r in range(0, weight.shape[0], rows):
+        out[r : r + rows] = weight[r : r + rows].float().mul_(scale[r : r + rows, None].float())
+    return out
+
+
+def qlinear(x, weight, scale, bias) -> torch.Tensor:
+    """``x @ (weight * scale[:, None]).T + bias`` for a quantized ``weight`` [out, in] with its
+    fp32 per-row ``scale`` [out]; computed in ``x.dtype`` (see the module docstring)."""
+    b = None if bias is None else bias.to(x.dtype)
+    if x.dtype != torch.float32:
+        return F.linear(x, dequantize(weight, scale, x.dtype), b)
+    y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)  # exact per-channel rescale
+    return y if b is None else y + b
+
+
 class QLinear(nn.Module):
     """A linear layer whose weight is stored quantized; the matmul runs in ``x.dtype``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, mode: str):
         super().__init__()
-        if mode not in _QMAX and mode != "bf16":
+        if mode not in _QMAX:
             raise ValueError(f"quantization mode must be one of {MODES[1:]}, got {mode!r}")
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
-        dtype = {"int8": torch.int8, "fp8": FP8, "bf16": torch.bfloat16}[mode]
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), False)
-        self.weight_scale = (
-            nn.Parameter(torch.empty(out_features), False) if mode in _QMAX else None
-        )
+        weight = torch.empty(out_features, in_features, dtype=_STORAGE[mode])
+        self.weight = nn.Parameter(weight, False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features), False)
         self.bias = nn.Parameter(torch.empty(out_features), False) if bias else None
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, mode: str) -> QLinear:
         q = cls(lin.in_features, lin.out_features, lin.bias is not None, mode)
         w, s = quantize_weight(lin.weight.data, mode)
-        q.weight = nn.Parameter(w, False)
-        if s is not None:
-            q.weight_scale = nn.Parameter(s, False)
+        q.weight, q.weight_scale = nn.Parameter(w, False), nn.Parameter(s, False)
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.data.float(), False)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Upcast one layer's weight at a time: the transient is [out, in] in x.dtype.
-        y = F.linear(x, self.weight.to(x.dtype))
-        if self.weight_scale is not None:
-            y = y * self.weight_scale.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y
+        # One layer's weight is expanded at a time: the transient is [out, in] in x.dtype.
+        return qlinear(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, mode={self.mode}"
@@ -105,10 +129,6 @@ def quantize(
             new = QLinear.from_linear(child, mode)
         setattr(holder, attr, new)
     return model
-
-
-def quantized_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, QLinear)]
 
 
 # --- fused projections ------------------------------------------------------------------------
@@ -162,20 +182,18 @@ def fused_linear(x, weight, scale, bias, sizes: list[int]) -> list[torch.Tensor]
     if scale is None:
         b = None if bias is None else bias.to(x.dtype)
         return list(F.linear(x, weight.to(x.dtype), b).split(sizes, dim=-1))
-    y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    return list(y.split(sizes, dim=-1))
+    return list(qlinear(x, weight, scale, bias).split(sizes, dim=-1))
 
 
 # --- packed fp32 weights for oneDNN (CPU) ------------------------------------------------------
 # On CPU, the fp32 GEMMs of the DiT run faster from weights re-laid-out once into oneDNN's
 # blocked format (what inductor's CPU "freezing" does) than through MKL's sgemm, which re-packs
-# them on every call.  Measured block by block at 1.3B shapes, batch 2: 0.88-0.93x of torch's
-# time at 192 tokens, 0.99x at 1280 (there both are bound by the same arithmetic).  Packing
-# costs ~5 s once for the 1.3B DiT on this CPU.  fp32 throughout (only the summation order
-# differs: ~1e-6 relative).  The bias and, for the FFN's first layer, the tanh-GELU run inside
-# the same kernel as post-ops.
+# them on every call; the gain is largest at small token counts, where packing is a larger share
+# of each call (the benchmark output has the figures).  Packing is paid once, at load.  fp32
+# throughout: only the summation order differs from torch's GEMM.  The bias and, for the FFN's
+# first layer, the tanh-GELU run inside the same kernel as post-ops.  The packed weight is a
+# non-persistent buffer: invisible to state dicts, visible to ``module.buffers()`` (so memory
+# accounting sees it; it is an opaque mkldnn tensor: ``numel() * element_size()`` bytes).
 
 LINEAR_BACKENDS = ("auto", "aten", "onednn")
 
@@ -213,8 +231,10 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
         w = lin.weight.detach().float()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 0)
-        self.bias = None if lin.bias is None else lin.bias.detach().float()
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 0)
+        self.register_buffer("packed", packed, persistent=False)
+        bias = None if lin.bias is None else lin.bias.detach().float()
+        self.register_buffer("bias", bias, persistent=False)
         self.post = ("gelu", "tanh") if gelu_tanh else ("none", "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
