@@ -141,6 +141,24 @@ def test_packed_weight_is_a_buffer_counted_at_its_size():
     assert counted >= lin.weight.numel() * 4  # at least the fp32 weight it replaces
 
 
+@needs_onednn
+def test_resident_bytes_count_the_packed_dit(tiny_checkpoint):
+    import wanlite
+
+    pipe = wanlite.load(str(tiny_checkpoint), device="cpu", dtype="float32", linear="onednn")
+    dit = pipe.components["transformer"]
+    dit.acquire(stream_blocks=False)
+    packed = [m.packed for m in dit.module.modules() if isinstance(m, PackedLinear)]
+    assert packed
+    dense = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in [*dit.module.parameters(), *dit.module.buffers()]
+        if not t.is_mkldnn
+    }
+    want = sum(dense.values()) + sum(p.numel() * p.element_size() for p in packed)
+    assert dit.resident_bytes() == want
+
+
 def test_linear_backend_is_resolved_once_with_clear_errors(monkeypatch):
     cpu, cuda, f32 = torch.device("cpu"), torch.device("cuda"), torch.float32
     assert resolve_linear("aten", cpu, f32, True) == "aten"
