@@ -44,7 +44,21 @@ Step i (the model was evaluated at x_i, sigma_i and returned v_i):
 At the last step sigma_n = 0: lambda = inf, exp(-h) = 0, p = 1, so x_n = m_{n-1} exactly.
 (diffusers 0.42.1 returns NaN there for bh1: it multiplies B(h) = -inf by a zero correction.)
 
-Flow Euler:  x_t = x_s + (sigma_t - sigma_s)*v.
+Flow Euler:  x_t = x_s + (sigma_t - sigma_s)*v, on one of two grids:
+
+* ``"euler"``: diffusers' ``FlowMatchEulerDiscreteScheduler(shift=s)`` grid, which is not
+  UniPC's.  Its constructor shifts the training grid once, in float32, and keeps the ends;
+  ``set_timesteps`` then spaces n points between those ends and shifts them *again*::
+
+      lo      = shift32(1/N)                             (float32; shift(u) = s*u/(1+(s-1)*u))
+      u_i     = linspace(1, lo, n)[i]                    (float64)
+      sigma_i = float32(shift(u_i)),  t_i = N*sigma_i    (float32, not truncated),  sigma_n = 0
+
+* a fixed timestep list (e.g. CausVid's ``[1000, 934, 862, ...]``): sigma_i = t_i/N, no shift,
+  and the DiT gets t_i as given.
+
+``make_sampler`` puts the three behind one interface (``Sampler``): timesteps for the DiT, an
+initial state and a pure ``step(state, model_output, sample) -> (sample, state)``.
 """
 
 from __future__ import annotations
@@ -183,8 +197,139 @@ def unipc_step(
     return prev, new
 
 
+# --- flow Euler ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EulerState:
+    """Flow Euler's only state: the grid and the step to take next."""
+
+    sigmas: torch.Tensor  # [n+1] float32 on the CPU, last = 0
+    index: int = 0
+
+
+def _shift(u, s: float):
+    return s * u / (1 + (s - 1) * u)
+
+
+def euler_timesteps_and_sigmas(
+    cfg: SchedulerConfig, num_steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DiT timesteps ``[n]`` (float32) and sigmas ``[n+1]`` (float32, last = 0) of
+    diffusers' ``FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift)`` (see the module doc)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if cfg.flow_shift <= 0 or cfg.num_train_timesteps < 1:
+        raise ValueError("flow_shift and num_train_timesteps must be positive")
+    big_n, s = cfg.num_train_timesteps, cfg.flow_shift
+    # The constructor's ends, in float32 torch arithmetic like diffusers' (sigma_max = 1).
+    lo = _shift(torch.tensor(1.0, dtype=torch.float32) / big_n, s).item()
+    hi = _shift(torch.tensor(float(big_n), dtype=torch.float32) / big_n, s).item()
+    u = np.linspace(hi * big_n, lo * big_n, num_steps) / big_n
+    sigmas = torch.from_numpy(_shift(u, s)).to(torch.float32)
+    return sigmas * big_n, torch.cat([sigmas, torch.zeros(1)])
+
+
+def fixed_timesteps_and_sigmas(
+    cfg: SchedulerConfig, timesteps, num_steps: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A given timestep list (strictly decreasing, in (0, N]), cut to ``num_steps``: the DiT
+    timesteps as given (float32) and sigmas = t/N, then 0."""
+    ts = [float(t) for t in timesteps]
+    big_n = cfg.num_train_timesteps
+    if not ts:
+        raise ValueError("the timestep list is empty")
+    if any(b >= a for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"the timestep list must be strictly decreasing, got {ts}")
+    if not 0 < ts[-1] <= ts[0] <= big_n:
+        raise ValueError(f"timesteps must lie in (0, {big_n}], got {ts}")
+    if num_steps is not None:
+        if not 1 <= num_steps <= len(ts):
+            raise ValueError(f"{num_steps} steps asked for, the timestep list has {len(ts)}")
+        ts = ts[:num_steps]
+    t = torch.tensor(ts, dtype=torch.float32)
+    return t, torch.cat([t / big_n, torch.zeros(1)])
+
+
+def euler_step(
+    state: EulerState, model_output: torch.Tensor, sample: torch.Tensor
+) -> tuple[torch.Tensor, EulerState]:
+    """x + (sigma_next - sigma)*v in fp32 (the difference taken in float32, as diffusers)."""
+    i, sig = state.index, state.sigmas
+    if i >= len(sig) - 1:
+        raise ValueError(f"all {len(sig) - 1} steps have been taken")
+    dt = (sig[i + 1] - sig[i]).item()
+    out = sample.float() + dt * model_output.float()
+    return out, dataclasses.replace(state, index=i + 1)
+
+
+# --- one interface for the pipeline --------------------------------------------------------------
+
+SAMPLERS = ("unipc", "euler")
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler for one generation: ``timesteps`` [n] float32 for the DiT's time embedding,
+    ``sigmas`` [n+1], the initial ``state`` and a pure ``step``."""
+
+    kind: str
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    state: UniPCState | EulerState
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def step(self, state, model_output: torch.Tensor, sample: torch.Tensor):
+        """(the fp32 sample at the next sigma, the new state); ``state`` is not modified."""
+        if isinstance(state, UniPCState):
+            return unipc_step(state, model_output, sample)
+        return euler_step(state, model_output, sample)
+
+
+def make_sampler(
+    kind: str,
+    cfg: SchedulerConfig,
+    steps: int | None,
+    shift: float | None = None,
+    timesteps=None,
+) -> Sampler:
+    """``"unipc"`` (the checkpoint's scheduler) or ``"euler"`` for ``steps`` steps; ``shift``
+    overrides ``cfg.flow_shift``.  With ``timesteps`` (``"euler"`` only) the grid is that list
+    cut to ``steps`` (None: all of it), unshifted, so ``shift`` is refused there."""
+    if kind not in SAMPLERS:
+        raise ValueError(f"unknown sampler {kind!r}; choose one of {', '.join(SAMPLERS)}")
+    if shift is not None:
+        if not shift > 0:
+            raise ValueError(f"shift must be positive, got {shift}")
+        cfg = dataclasses.replace(cfg, flow_shift=float(shift))
+    if timesteps is not None:
+        if kind != "euler":
+            raise ValueError(f"a timestep list needs the euler sampler, not {kind!r}")
+        if shift is not None:
+            raise ValueError("shift does not apply to a fixed timestep list")
+        ts, sigmas = fixed_timesteps_and_sigmas(cfg, timesteps, steps)
+        return Sampler(kind, ts, sigmas, EulerState(sigmas))
+    if steps is None:
+        raise ValueError(f"the {kind} sampler needs a step count")
+    if kind == "euler":
+        ts, sigmas = euler_timesteps_and_sigmas(cfg, steps)
+        return Sampler(kind, ts, sigmas, EulerState(sigmas))
+    ts, sigmas = timesteps_and_sigmas(cfg, steps)
+    return Sampler(kind, ts.to(torch.float32), sigmas, unipc_init(cfg, sigmas))
+
+
 __all__ = [
+    "SAMPLERS",
+    "EulerState",
+    "Sampler",
     "UniPCState",
+    "euler_step",
+    "euler_timesteps_and_sigmas",
+    "fixed_timesteps_and_sigmas",
+    "make_sampler",
     "timesteps_and_sigmas",
     "to_x0",
     "unipc_init",
