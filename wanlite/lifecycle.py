@@ -135,10 +135,22 @@ class Component:
         lora = self.delta is not None and self.stored_quant != "none"
         return self.quant != self.stored_quant or lora
 
-    def load(self, name: str) -> torch.Tensor:
+    def load(self, name: str, in_place: bool = False) -> torch.Tensor:
         """Parameter ``name`` on the host, ready to use: floating weights in the compute dtype,
-        or fp32 for the layers kept in fp32 (``fp32``); quantized weights as they are."""
-        return cast(self.read(name), torch.float32 if self.fp32(name) else self.dtype)
+        or fp32 for the layers kept in fp32 (``fp32``); quantized weights as they are.
+
+        ``in_place``: a weight already stored in that dtype, with nothing to merge, is used
+        where it lies in the file's memory map (no copy: see ``tensorstore``).  Cast weights
+        are cast while read, without a full-precision copy."""
+        target = torch.float32 if self.fp32(name) else self.dtype
+        if self._compact is not None:
+            return cast(self._compact[name], target)
+        key = self.names[name]
+        if self.delta is None or self.delta(name) is None:
+            if in_place and self.store.entries[key].dtype == target:
+                return self.store.view(key)
+            return self.store.get(key, target)
+        return cast(self._merged(name), target)
 
     def quantized(self, skeleton: nn.Module, mode: str, skip: str | None = None, source=None):
         """Yield (name, tensor) for every parameter of the ``mode``-quantized ``skeleton``:
@@ -184,7 +196,10 @@ class Component:
             rows = RowEmbedding(lambda r: self.store.get_rows(key, r), self.dtype)
             setattr(module, row_embedding, rows)
             names = [n for n in names if not n.startswith(row_embedding + ".")]
-        state = {n: self.load(n).to(self.device) for n in names}
+        # In place from the file only where the module uses its weights as they are: resident,
+        # on the CPU, with no preparation step that copies them (the DiT's fused/packed GEMMs).
+        in_place = self.device.type == "cpu" and not stream_blocks and self.prepare is None
+        state = {n: self.load(n, in_place).to(self.device) for n in names}
         assign(module, state)
         if self.prepare is not None:
             self.prepare(module, stream_blocks)
@@ -221,6 +236,7 @@ class Component:
             self.streamer = None
         self.module = self._compact = None
         self.streamed = False
+        self.store.unmap()  # weights used in place are gone with the module
         trim()
 
 

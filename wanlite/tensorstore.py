@@ -1,9 +1,17 @@
-"""Read tensors from safetensors files with plain reads, no memory map.
+"""Read tensors from safetensors files: plain reads, casts through a memory map, or in place.
 
-Why not ``safe_open``: it memory-maps the file, and the pages it touches count in the process's
-resident set (RSS) until the map is closed.  For streaming weights (the text encoder a layer at a
-time, DiT blocks just in time) we want exactly the bytes we asked for in anonymous memory, freed
-as soon as the tensor is dropped, with the page cache (not RSS) holding the file.
+Three ways, each for one use:
+
+- ``get(key)``: a plain read into a new tensor.  For streaming weights (the text encoder a layer
+  at a time, DiT blocks just in time) we want exactly the bytes asked for in anonymous memory,
+  freed as soon as the tensor is dropped, with the page cache (not RSS) holding the file.  A
+  memory map (``safe_open``) would keep every page it touched in the process's RSS until closed.
+- ``get(key, dtype)`` with another floating dtype: the cast reads straight from a memory map of
+  the file (one pass, no full-precision copy in anonymous memory), and the mapped range is then
+  dropped from the process (``MADV_DONTNEED``; the page cache keeps it).
+- ``view(key)``: the tensor *in place* in a private memory map, no copy at all, for weights used
+  as stored by a resident module.  Its pages count in RSS once touched (as a copy would), but
+  they are clean file pages the kernel can reclaim; ``unmap()`` drops them.
 
 Format (safetensors): 8-byte little-endian header size N, N bytes of JSON
 ``{key: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then data.
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import struct
 import threading
@@ -73,13 +82,12 @@ class TensorStore:
             self.entries.update(entries)
             self.metadata.update(meta)
         self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
 
     def _fd(self, path: Path) -> int:
         with self._lock:
-            if path not in self._fds:
-                self._fds[path] = os.open(path, os.O_RDONLY)
-            return self._fds[path]
+            return self._fd_unlocked(path)
 
     def _read_into(self, e: Entry, out: torch.Tensor, offset: int) -> torch.Tensor:
         buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
@@ -91,9 +99,50 @@ class TensorStore:
             done += n
         return out
 
-    def get(self, key: str) -> torch.Tensor:
+    def _map(self, path: Path) -> mmap.mmap:
+        with self._lock:
+            if path not in self._maps:  # private (copy-on-write): torch wants a writable buffer
+                self._maps[path] = mmap.mmap(self._fd_unlocked(path), 0, access=mmap.ACCESS_COPY)
+            return self._maps[path]
+
+    def _fd_unlocked(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def view(self, key: str) -> torch.Tensor:
+        """The tensor in place in the file's memory map (no copy; see the module docstring)."""
         e = self.entries[key]
-        return self._read_into(e, torch.empty(e.shape, dtype=e.dtype), e.offset)
+        if e.nbytes == 0:
+            return torch.empty(e.shape, dtype=e.dtype)
+        n = e.nbytes // e.dtype.itemsize
+        flat = torch.frombuffer(self._map(e.path), dtype=e.dtype, count=n, offset=e.offset)
+        return flat.view(e.shape)
+
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A new tensor: as stored, or cast to the floating ``dtype`` while it is read."""
+        e = self.entries[key]
+        if dtype is None or dtype == e.dtype or not (_is_float(dtype) and _is_float(e.dtype)):
+            return self._read_into(e, torch.empty(e.shape, dtype=e.dtype), e.offset)
+        out = self.view(key).to(dtype)
+        self._drop(e)
+        return out
+
+    def _drop(self, e: Entry) -> None:
+        """Unmap the whole pages of ``e``'s bytes from this process (the page cache keeps them)."""
+        page = mmap.PAGESIZE
+        start = -(-e.offset // page) * page
+        end = (e.offset + e.nbytes) // page * page
+        if end > start and hasattr(mmap, "MADV_DONTNEED"):
+            self._map(e.path).madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def unmap(self) -> None:
+        """Close the memory maps: tensors from ``view`` must no longer be in use."""
+        with self._lock:
+            for m in self._maps.values():
+                with contextlib.suppress(BufferError):  # a view still exported: it stays
+                    m.close()
+            self._maps.clear()
 
     def get_rows(self, key: str, rows: list[int]) -> torch.Tensor:
         """Rows of a 2-D tensor (e.g. token embeddings) without reading the rest."""
@@ -107,6 +156,7 @@ class TensorStore:
         return out
 
     def close(self) -> None:
+        self.unmap()
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)
@@ -115,3 +165,7 @@ class TensorStore:
     def __del__(self):
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
