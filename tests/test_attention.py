@@ -11,7 +11,17 @@ import pytest
 import torch
 
 from wanlite import attention
-from wanlite.attention import AUTO_ORDER, _math, _sdpa, available, chunked, resolve, resolve_name
+from wanlite.attention import (
+    AUTO_ORDER,
+    _math,
+    _sdpa,
+    available,
+    chunked,
+    function,
+    resolve,
+    resolve_name,
+    unusable,
+)
 
 OPTIONAL = ("flash_attn", "sage", "xformers")
 # (B, heads, Lq, Lk, head_dim)
@@ -24,18 +34,87 @@ def _qkv(b, h, lq, lk, d, dtype=torch.float32, device="cpu", seed=0):
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
 
 
-def test_auto_picks_sdpa_without_cuda_and_logs_it(caplog):
+CPU, CUDA, F32, BF16, F16 = "cpu", "cuda", torch.float32, torch.bfloat16, torch.float16
+
+
+def test_auto_on_cpu_is_sdpa_and_logs_why(caplog):
     caplog.set_level(logging.INFO, logger="wanlite.attention")
     assert "sage" not in AUTO_ORDER  # not exact: only when asked for by name
-    expected = next((n for n in AUTO_ORDER if available(n) is None), "sdpa")
-    if not torch.cuda.is_available():
-        assert expected == "sdpa"
-    assert resolve_name("auto") == expected
-    assert any(
-        r.name == "wanlite.attention" and r.levelno == logging.INFO and expected in r.getMessage()
-        for r in caplog.records
-    )
+    assert resolve_name("auto") == "sdpa"  # the defaults: CPU, fp32
+    assert resolve_name("auto", torch.device("cpu"), torch.bfloat16) == "sdpa"
+    lines = [r.getMessage() for r in caplog.records if r.name == "wanlite.attention"]
+    assert len(lines) == 2 and all(r.levelno == logging.INFO for r in caplog.records)
+    assert "sdpa" in lines[0] and "flash_attn" in lines[0]  # and why flash_attn was passed over
     assert callable(resolve("auto"))
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Every optional package installed and a CUDA device of the capability the test sets."""
+    gpu = {"capability": (8, 0)}
+    monkeypatch.setattr(attention, "_installed", lambda module: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        attention,
+        "_cuda_capability",
+        lambda d: gpu["capability"] if d.type == "cuda" else None,
+    )
+    return gpu
+
+
+def test_auto_decides_from_device_dtype_and_gpu(fake_gpu):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_name("auto", cpu, F32) == "sdpa"  # flash-attn installed, but a CPU call
+    assert resolve_name("auto", cpu, BF16) == "sdpa"
+    assert resolve_name("auto", cuda, BF16) == "flash_attn"
+    assert resolve_name("auto", cuda, F16) == "flash_attn"
+    assert resolve_name("auto", cuda, F32) == "xformers"  # flash has no fp32 kernels
+    fake_gpu["capability"] = (7, 5)  # T4: no flash-attn 2
+    assert resolve_name("auto", cuda, F16) == "xformers"
+    with pytest.raises(RuntimeError, match="compute capability 8.0"):
+        resolve_name("flash_attn", cuda, F16)
+
+
+def test_auto_without_optional_packages_is_sdpa_on_cuda(fake_gpu, monkeypatch):
+    monkeypatch.setattr(attention, "_installed", lambda module: module is None)
+    assert resolve_name("auto", torch.device("cuda"), BF16) == "sdpa"
+
+
+def test_a_named_backend_that_cannot_run_the_call_is_an_error(fake_gpu):
+    with pytest.raises(RuntimeError, match="'flash_attn' needs a CUDA device"):
+        resolve_name("flash_attn", torch.device("cpu"), BF16)
+    with pytest.raises(RuntimeError, match="'flash_attn' needs float16 or bfloat16"):
+        resolve_name("flash_attn", torch.device("cuda"), F32)
+    with pytest.raises(RuntimeError, match="'sage' needs float16 or bfloat16"):
+        resolve("sage", torch.device("cuda:0"), F32)
+    assert resolve_name("xformers", torch.device("cuda"), F32) == "xformers"
+    assert resolve_name("math", torch.device("cpu"), F32) == "math"
+
+
+@pytest.mark.parametrize(
+    "name,device,dtype,capability,installed,needs",
+    [
+        ("flash_attn", CPU, BF16, None, True, "CUDA device"),
+        ("flash_attn", CUDA, F32, (9, 0), True, "float16 or bfloat16"),
+        ("flash_attn", CUDA, F16, (7, 0), True, "capability 8.0"),
+        ("flash_attn", CUDA, BF16, (8, 0), False, "'flash_attn' package"),
+        ("flash_attn", CUDA, BF16, (8, 6), True, None),
+        ("xformers", CUDA, F32, (7, 0), True, None),
+        ("xformers", CPU, F32, None, True, "CUDA device"),
+        ("sage", CUDA, F16, (8, 9), True, None),
+        ("sdpa", CPU, F32, None, False, None),
+        ("math", CUDA, F16, (6, 1), False, None),
+    ],
+)
+def test_unusable_is_a_pure_decision(name, device, dtype, capability, installed, needs):
+    reason = unusable(name, device, dtype, capability, installed)
+    assert reason is None if needs is None else needs in reason
+
+
+def test_function_takes_a_resolved_name():
+    assert function("math") is _math
+    with pytest.raises(ValueError, match="'auto'"):
+        function("auto")
 
 
 def test_unknown_name_is_a_value_error_listing_the_choices():
@@ -48,18 +127,19 @@ def test_unknown_name_is_a_value_error_listing_the_choices():
 
 @pytest.mark.parametrize("name", ["sdpa", "math"])
 def test_builtin_backends_always_available(name):
-    assert available(name) is None
+    assert available(name) is None and available(name, "cpu", torch.bfloat16) is None
     assert resolve_name(name) == name
 
 
 @pytest.mark.parametrize("name", OPTIONAL)
 def test_unusable_backend_raises_with_reason(name):
-    reason = available(name)
+    here = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reason = available(name, here, torch.float16)
     if reason is None:
         pytest.skip(f"{name} can run here")
-    assert "package" in reason or "CUDA" in reason
+    assert "package" in reason or "CUDA" in reason or "capability" in reason
     with pytest.raises(RuntimeError, match=re.escape(reason)) as err:
-        resolve(name)
+        resolve(name, here, torch.float16)
     assert repr(name) in str(err.value)
 
 
@@ -93,13 +173,14 @@ def test_math_keeps_bf16_dtype():
     assert (out.float() - ref).abs().max().item() < 2e-2  # one bf16 rounding of the output
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", OPTIONAL)
 def test_optional_backend_matches_math(name):
-    reason = available(name)
+    reason = available(name, dtype=torch.float16)
     if reason is not None:
         pytest.skip(f"{name}: {reason}")
     q, k, v = _qkv(1, 2, 64, 48, 64, dtype=torch.float16, device="cuda")
-    out = resolve(name)(q, k, v)
+    out = resolve(name, q.device, q.dtype)(q, k, v)
     ref = _math(q, k, v)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     tol = 5e-2 if name == "sage" else 1e-2  # sage quantizes q/k to int8

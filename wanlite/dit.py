@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import AttnFn, chunked, resolve, resolve_name
+from .attention import AttnFn, chunked, function
 from .configs import DiTConfig
 from .quant import fuse_linears, fused_linear
 
@@ -363,9 +363,11 @@ class WanDiT(nn.Module):
     def __init__(self, cfg: DiTConfig, attn: str = "sdpa"):
         super().__init__()
         self.cfg = cfg
+        # ``attn`` is a backend already resolved for the device and dtype (the skeleton is built
+        # on the meta device: ``attention.resolve_name`` decides, once, at load).
         # SDPA's kernels keep attention memory linear in L; the reference backend gets chunked.
-        self.attn_name = resolve_name(attn)
-        fn = resolve(self.attn_name)
+        self.attn_name = attn
+        fn = function(attn)
         self.attn = chunked(fn, 1024) if self.attn_name == "math" else fn
         dim, p = cfg.dim, cfg.patch_size
         self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=p, stride=p)
