@@ -35,6 +35,11 @@ def reference_from(sd: dict[str, torch.Tensor], cfg=CFG, attn: str | None = None
     model.load_state_dict(theirs, strict=True, assign=True)
     model.tie_weights()
     assert model.encoder.embed_tokens.weight is model.shared.weight
+    if model.shared.weight.dtype == torch.float16:  # what from_pretrained(dtype=fp16) does
+        for name in model._keep_in_fp32_modules:
+            for module_name, module in model.named_modules():
+                if module_name.endswith("." + name):
+                    module.float()
     return model.eval().requires_grad_(False)
 
 
@@ -101,6 +106,43 @@ def test_half_compute_close_to_fp32(dtype):
     assert torch.isfinite(ours).all()
     assert err <= 0.03 * scale
     assert err <= 1.25 * ref_err
+
+
+@torch.no_grad()
+def test_fp16_ffn_output_runs_in_fp32_like_transformers():
+    """FFN outputs beyond the fp16 range (T5's known overflow): the output projection runs in
+    fp32 and the residual stream stays fp32, as transformers does with ``wo`` kept in fp32."""
+    weights = random_weights(7, torch.bfloat16)
+    for k in weights:
+        if k.endswith("ffn.fc2.weight"):
+            weights[k] = weights[k].float() * 3e4
+    ids, mask = padded_batch(seed=7)
+    fp32 = ours_from({k: v.float() for k, v in weights.items()})
+    peaks = []
+    hooks = [
+        b.ffn.register_forward_hook(lambda m, i, o: peaks.append(o.abs().max()))
+        for b in fp32.blocks
+    ]
+    truth = fp32(ids, mask)
+    for h in hooks:
+        h.remove()
+    fp16_max = torch.finfo(torch.float16).max
+    assert max(peaks).item() > fp16_max  # the case this test is about: fp16 would overflow
+    ref = reference_from({k: v.half() for k, v in weights.items()})
+    ref = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    scale = truth.abs().max().item()
+    for stored in ("fp32", "fp16"):  # fc2 loaded in fp32 (keep_in_fp32) or as the rest
+        sd = {
+            k: v.float() if stored == "fp32" and t5.keep_in_fp32(k) else v.half()
+            for k, v in weights.items()
+        }
+        ours = ours_from(sd)(ids, mask)
+        assert ours.dtype == torch.float16 and torch.isfinite(ours).all()
+        diff = (ours.float() - ref.float()).abs().max().item()
+        err = (ours.float() - truth).abs().max().item()
+        print(f"fp16, fc2 stored {stored}: vs transformers {diff:.3g}, vs fp32 {err:.3g}")
+        assert diff <= 4 * torch.finfo(torch.float16).eps * scale
+        assert err <= 0.01 * scale
 
 
 @torch.no_grad()

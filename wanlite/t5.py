@@ -17,12 +17,15 @@ Efficiency: the [L, L] bucket indices are computed once per forward; each layer 
 permute) into a [B, H, L, L] buffer allocated once per forward, then adds the key mask in place.
 The forward is inference-only (``no_grad``), which these in-place writes need.
 
-Precision: the linears and the residual stream run in the weight dtype.  RMSNorm statistics are
-fp32 (as in transformers and the original code).  The attention core (q k^T, biases, softmax,
-times v) runs in fp32 through SDPA whatever the weight dtype: T5 logits are unscaled and large,
-so bf16 rounding of them would matter, and this core is ~2% of the FLOPs at 512 tokens.  In fp16
-the residual stream is clamped away from inf after each sub-block, as transformers and the Wan
-code do (T5 overflows fp16).  With fp32 weights everything is fp32.
+Precision: the linears and the residual stream run in the weight dtype, except in fp16, where
+the FFN output projection runs in fp32 and the residual stream becomes fp32 after the first FFN
+(transformers' ``_keep_in_fp32_modules = ["wo"]``; ``keep_in_fp32`` names that weight for a
+loader).  RMSNorm statistics are fp32 (as in transformers and the original code).  The
+attention core (q k^T, biases, softmax, times v) runs in fp32 through SDPA whatever the weight
+dtype: T5 logits are unscaled and large, so bf16 rounding of them would matter, and this core is
+~2% of the FLOPs at 512 tokens.  While the residual stream is fp16 it is clamped away from inf
+after each sub-block, as transformers and the Wan code do (T5 overflows fp16).
+With fp32 weights everything is fp32.
 
 Useful property (tested): outputs at real tokens do not depend on how many pad tokens follow, so
 a caller may run the encoder on ``ids[:, :max_real_len]`` and zero-fill the rest.
@@ -95,9 +98,10 @@ def from_diffusers_key(key: str) -> str:
     return _rename(TIED_ALIASES.get(key, key), _FROM, "transformers UMT5EncoderModel")
 
 
-def QUANT_KEEP(name: str) -> bool:  # the ``keep`` predicate of ``quant.quantize``
-    """Linears to keep unquantized: none (embeddings, norms and bias tables are not Linears)."""
-    return False
+def keep_in_fp32(name: str) -> bool:
+    """Parameters to load in fp32 when the compute dtype is fp16: the FFN output projection
+    (transformers' ``_keep_in_fp32_modules = ["wo"]``; see ``FeedForward``)."""
+    return name.endswith(".ffn.fc2.weight")
 
 
 # ---- modules ---------------------------------------------------------------------------------
@@ -170,7 +174,11 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """fc2(gelu_tanh(gate(x)) * fc1(x)); ``gate`` is Sequential(Linear, GELU) as in Wan."""
+    """fc2(gelu_tanh(gate(x)) * fc1(x)); ``gate`` is Sequential(Linear, GELU) as in Wan.
+
+    In fp16 the output projection ``fc2`` runs in fp32 and returns fp32, as transformers runs
+    T5's ``wo`` (the FFN output is where T5 exceeds the fp16 range); the caller's residual add
+    then promotes the residual stream to fp32, as in transformers."""
 
     def __init__(self, cfg: T5Config):
         super().__init__()
@@ -181,7 +189,12 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.gate(x) * self.fc1(x))
+        h = self.gate(x) * self.fc1(x)  # [B, L, d_ff] in x.dtype
+        if h.dtype != torch.float16:
+            return self.fc2(h)
+        if isinstance(self.fc2, nn.Linear):  # the weight is fp32 if loaded with keep_in_fp32
+            return F.linear(h.float(), self.fc2.weight.float())
+        return self.fc2(h.float())  # a quantized layer computes in its input's dtype
 
 
 def _fp16_clamp(x: torch.Tensor) -> torch.Tensor:
@@ -232,7 +245,7 @@ class UMT5Encoder(nn.Module):
             mask == 0, neg
         )
         # One [B, H, L, L] fp32 buffer rewritten by every layer: re-touching the same pages is
-        # ~8x faster on CPU than a fresh 64 MB tensor per layer (page faults).
+        # much faster on CPU than a fresh tensor per layer (64 MB at 512 tokens: page faults).
         bias_buffer = torch.empty(b, cfg.num_heads, n, n, dtype=torch.float32, device=ids.device)
         for block in self.blocks:
             x = block(x, buckets, mask_bias, bias_buffer)
