@@ -249,3 +249,32 @@ def test_compiled_blocks_match(state):
     diff = (model(x, t, ctx) - eager).abs().max().item()
     print(f"torch.compile vs eager: max abs diff {diff:.1e}")
     assert diff <= 1e-4
+
+
+def test_bucketed_text_keys_are_exact_and_compile_once(state):
+    """Compiled blocks see text keys bucketed to a multiple of TEXT_BUCKET (filler keys at -inf
+    bias): prompts of different lengths share a graph, and the output is the unbucketed one."""
+    import torch._dynamo
+
+    from wanlite import dit as d
+
+    model, (x, t, ctx) = _fresh(state), _inputs(*SHAPES[1])
+    lengths = [5]  # 5 real tokens, zero-padded to 40
+    ctx = torch.cat([ctx[:1, :5], ctx.new_zeros(1, 35, ctx.shape[2])], 1)
+    plain = model.prepare_text(ctx, lengths)
+    model.text_bucket = 16
+    bucketed = model.prepare_text(ctx, lengths)
+    assert plain.ctx.shape[1] == 6 and bucketed.ctx.shape[1] == 16
+    assert torch.isinf(bucketed.bias[..., 6:]).all()
+    e, e0 = model.time_embeddings(t[:1].float(), 1)
+    out_plain = model.step(x[:1], (e, e0), plain)
+    out_bucket = model.step(x[:1], (e, e0), bucketed)
+    assert (out_plain - out_bucket).abs().max().item() <= 1e-5
+    # Compiled once per process: a second model (a new load) reuses the same compiled body.
+    torch._dynamo.reset()
+    d._COMPILED.clear()
+    other = _fresh(state)
+    d.compile_blocks(model)
+    d.compile_blocks(other)
+    assert model.blocks[0].compiled_body is other.blocks[0].compiled_body
+    assert model.text_bucket == other.text_bucket == d.TEXT_BUCKET

@@ -224,18 +224,25 @@ class TextState:
     kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
-def merge_padding(context: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor | None]:
-    """([B, Lk, C] rows: real tokens then one zero row for the padding; [B, 1, 1, Lk] bias)."""
+def merge_padding(
+    context: Tensor, lengths: list[int], bucket: int = 1
+) -> tuple[Tensor, Tensor | None]:
+    """([B, Lk, C] rows: real tokens then one zero row for the padding; [B, 1, 1, Lk] bias).
+
+    ``bucket`` > 1 rounds Lk up to a multiple of it with filler keys of bias -inf (weight
+    exactly 0): a compiled graph then sees a few key lengths, not one per prompt."""
     total = context.shape[1]
     keys = [n + (n < total) for n in lengths]
-    rows = context.new_zeros(context.shape[0], max(keys), context.shape[2])
-    bias = torch.full((context.shape[0], 1, 1, max(keys)), -math.inf, device=context.device)
+    width = min(-(-max(keys) // bucket) * bucket, total)
+    rows = context.new_zeros(context.shape[0], width, context.shape[2])
+    bias = torch.full((context.shape[0], 1, 1, width), -math.inf, device=context.device)
     for b, n in enumerate(lengths):
         rows[b, :n] = context[b, :n]  # row n stays zero: the one copy of the padding token
         bias[b, ..., :n] = 0.0
         if n < total:
             bias[b, ..., n] = math.log(total - n)
-    return rows, bias if any(n < total for n in lengths) or len(set(keys)) > 1 else None
+    filler = width > max(keys) or len(set(keys)) > 1
+    return rows, bias if any(n < total for n in lengths) or filler else None
 
 
 # --- modules ---------------------------------------------------------------------------------
@@ -367,6 +374,7 @@ class WanDiT(nn.Module):
         # on the meta device: ``attention.resolve_name`` decides, once, at load).
         # SDPA's kernels keep attention memory linear in L; the reference backend gets chunked.
         self.attn_name = attn
+        self.text_bucket = 1  # cross-attention keys rounded up to a multiple (compile sets it)
         fn = function(attn)
         self.attn = chunked(fn, 1024) if self.attn_name == "math" else fn
         dim, p = cfg.dim, cfg.patch_size
@@ -414,7 +422,7 @@ class WanDiT(nn.Module):
         dtype = self.patch_embedding.weight.dtype
         bias = None
         if lengths is not None:
-            context, bias = merge_padding(context, lengths)
+            context, bias = merge_padding(context, lengths, self.text_bucket)
         return TextState(self.text_embedding(context.to(dtype)), bias)
 
     def run_blocks(self, x, e0, text: TextState, rope, start: int = 0, stop: int | None = None):
@@ -454,15 +462,23 @@ def fuse_projections(model: WanDiT) -> None:
         block.cross_attn.fuse("kv", ("k", "v"))
 
 
+TEXT_BUCKET = 64  # compiled blocks: cross-attention key lengths rounded up to a multiple of this
+_COMPILED: dict[tuple, object] = {}  # one compiled block body per process and compile options
+
+
 def compile_blocks(model: WanDiT, **kwargs) -> None:
-    """torch.compile the body of the repeated block, once for all 30 (the blocks are passed in
-    as inputs, so they share one compiled graph per input shape).  Static shapes: a generation
-    has few (the token count is fixed; the text length differs per CFG branch), and dynamic
-    shapes mis-compiled the FFN chunking here (torch 2.13, CPU)."""
+    """torch.compile the body of the repeated block, once per process for all 30 blocks and
+    every later load (the blocks are passed in as inputs, so they share one compiled graph per
+    input shape).  Static shapes: dynamic shapes mis-compiled the FFN chunking (torch 2.13,
+    CPU).  So that a new prompt does not recompile, the text keys are bucketed (``TEXT_BUCKET``,
+    filler keys at -inf bias: exact); the token count is fixed per request size."""
     kwargs.setdefault("dynamic", False)
-    body = torch.compile(Block._body, **kwargs)
+    key = tuple(sorted(kwargs.items()))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(Block._body, **kwargs)
     for block in model.blocks:
-        block.compiled_body = body
+        block.compiled_body = _COMPILED[key]
+    model.text_bucket = TEXT_BUCKET
 
 
 def unpatchify(x: Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> Tensor:

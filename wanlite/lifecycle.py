@@ -254,7 +254,7 @@ def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
     asked for (it runs every step); the umT5 runs once per new prompt, so it is used as
     stored: quantizing its 5.7 B parameters in RAM costs more than it saves in one call."""
     quant = options.quant
-    attention = resolve_name(options.attention)  # "auto" is decided (and logged) once, here
+    attention = resolve_name(options.attention, device, dtype)  # "auto": decided (and logged) once
     fits = quant == "none" and not options.compile and options.offload != "blocks"
     linear = resolve_linear(options.linear, device, dtype, fits)  # once, here too
     log.info("DiT block linears (%s): %s", options.linear, linear)
