@@ -108,7 +108,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ValueError(f"LoRA {path}: no such file")
     try:
         with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict), f.metadata() or {}
+            keys = f.keys()  # (safe_open is not a dict: no ``in f``)
+            return {k: f.get_tensor(k) for k in keys}, f.metadata() or {}
     except SafetensorError as e:
         raise ValueError(f"LoRA {path}: not a readable safetensors file ({e})") from e
 
