@@ -1,23 +1,27 @@
-"""Speed: diffusers' WanPipeline vs wanlite's speed modes, same checkpoint, request and seed,
-each run in its own process, in one invocation.
+"""Speed: diffusers' WanPipeline vs wanlite, same checkpoint, request and seed, each run in its
+own process, in one invocation (rows interleaved when repeated; medians reported).
 
-    python benchmarks/bench_speed.py [--height 256 --width 256 --num-frames 17 --steps 8]
+    python benchmarks/bench_speed.py                       # the default comparison (below)
+    python benchmarks/bench_speed.py --size full:2 --references fp32,documented \\
+        --dtype float32 --modes exact,exact:aten,compile  # the exact mode against fp32
 
-Both engines compute in fp32 on the CPU (bf16 matmuls are ~6x slower than fp32 there, and the
-exact mode is held to diffusers' output).  The checkpoint is the full-shape random one with 2 of
-the 24 umT5 layers (``random:full:2``): diffusers in fp32 holds the whole 5.7 B-parameter text
-encoder in RAM (22.7 GB) and would not fit this 24 GiB machine next to the DiT.  With 2 layers
-the text phase is cheap for both engines, which understates wanlite's lead there.
+References (``--references``, comma-separated):
+- ``documented``: diffusers as its Wan docs load it, the transformer and text encoder in bf16,
+  the VAE in fp32 (``torch_dtype=torch.bfloat16`` with an fp32 ``AutoencoderKLWan``).
+- ``fp32``: diffusers entirely in fp32 (the exact mode's bar).  With all 24 umT5 layers this holds
+  22.7 GB of text encoder: use ``--size full:2`` (2 umT5 layers) on a 24 GiB machine.
 
-Prints a table (seconds per phase, s/step, total, seconds of weight reads inside the call, peak
-memory, speed-up of the denoise phase vs wanlite's exact mode, share of DiT forwards skipped,
-fidelity vs exact, and each row's time as a ratio to diffusers), the fidelity of the exact mode
-against diffusers, the load + first call totals, writes a PNG chart, and ends with one JSON line.
+wanlite runs with ``--dtype`` (default ``auto``: bf16 where the CPU multiplies bf16 natively,
+AMX or AVX512-BF16, else fp32) and the speed ``--modes`` of ``wanlite bench`` (default
+``exact``), every prompt encoded (fresh embedding cache).  Both engines read their weights
+inside the timed call: wanlite at first use of each component, diffusers through the memory
+map that ``from_pretrained`` leaves its safetensors in.  "weights s" is wanlite's share of its
+call; diffusers' is not separable ("-").
 
-Both engines read their weights inside the timed call: wanlite at first use of each component,
-diffusers through the memory map that ``from_pretrained`` leaves its safetensors weights in
-(its load takes seconds for 8.5 GB; the pages are read at first touch, in the call).
-"weights s" is wanlite's share of its call; diffusers' is not separable ("-").
+Prints the host's CPU features (figures from different hosts are not comparable; ratios in one
+run are), a table (seconds per phase, s/step, total, weight reads, peak memory, ratios to the
+first reference), the fidelity of wanlite's first mode against each reference, load + first call
+totals, a PNG chart, and one JSON line last.
 """
 
 from __future__ import annotations
@@ -31,68 +35,98 @@ from pathlib import Path
 from harness import bench_params, diffusers_phases, save_result
 
 from wanlite.bench import (
-    DEFAULT_MODES,
     add_fidelity,
     chart,
     compare,
+    host_cpu,
+    host_line,
     mode_jobs,
     parse_modes,
     run_jobs,
     table,
 )
 
+REFERENCES = {"documented": "bfloat16", "fp32": "float32"}  # diffusers' dtype of DiT + umT5
 
-def main() -> None:
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", action="store_true")
+    p.add_argument("--worker", choices=sorted(REFERENCES))
     p.add_argument("--out", type=Path)
-    p.add_argument("--height", type=int, default=256)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--num-frames", type=int, default=17)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--modes", default=DEFAULT_MODES)
-    p.add_argument("--size", default="full:2", help="random checkpoint (tiny: smoke test)")
+    p.add_argument("--height", type=int, default=128)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--num-frames", type=int, default=9)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--references", default="documented", help="documented, fp32 or both")
+    p.add_argument("--dtype", default="auto", help="wanlite's dtype (auto | float32 | bfloat16)")
+    p.add_argument("--modes", default="exact", help="wanlite modes, as for `wanlite bench`")
+    p.add_argument("--size", default="full", help="random checkpoint (full, full:2, tiny)")
     p.add_argument("--chart", type=Path, default=Path("bench_speed.png"))
     p.add_argument("--repeat", type=int, default=1, help="runs per row, interleaved; medians")
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
     from wanlite.loading import resolve_model
 
     params = bench_params(a.height, a.width, a.num_frames, a.steps, 5.0)
     path = str(resolve_model(f"random:{a.size}"))  # built once, outside the timed workers
     if a.worker:
-        save_result(diffusers_phases(path, params, "float32"), a.out)
+        save_result(diffusers_phases(path, params, REFERENCES[a.worker]), a.out)
         return
+    refs = [r.strip() for r in a.references.split(",") if r.strip()]
+    if not refs or any(r not in REFERENCES for r in refs):
+        raise SystemExit(f"--references must name some of {sorted(REFERENCES)}")
     tmp = Path(tempfile.mkdtemp())
-    base = dict(device="cpu", dtype="float32", embed_cache=False)
-    ref_job = [__file__, "--worker", *sys.argv[1:], "--out", str(tmp / "diffusers.npz")]
-    jobs = {"diffusers-fp32": ref_job} | mode_jobs(path, params, parse_modes(a.modes), tmp, base)
+    argv = [x for x in sys.argv[1:]]
+    jobs = {
+        f"diffusers-{r}": [__file__, "--worker", r, *argv, "--out", str(tmp / f"{r}.npz")]
+        for r in refs
+    }
+    base = dict(device="cpu", dtype=a.dtype, embed_cache=False)
+    jobs |= mode_jobs(path, params, parse_modes(a.modes), tmp, base)
     res = run_jobs(jobs, a.steps, a.repeat)
-    ref = res.pop("diffusers-fp32")
-    exact = next(iter(res))
-    add_fidelity(res, exact)
-    vs_diffusers = compare(tmp / "diffusers.npz", Path(res[exact]["npz"]))
-    ref["fidelity_vs_exact"] = vs_diffusers
-    rows = {"diffusers-fp32": ref, **res}
+    report(a, params, {f"diffusers-{r}": res.pop(f"diffusers-{r}") for r in refs}, res, tmp)
+
+
+def report(a, params: dict, refs: dict[str, dict], mine: dict[str, dict], tmp: Path) -> None:
+    first = next(iter(mine))
+    add_fidelity(mine, first)
+    vs = {name: compare(Path(r["npz"]), Path(mine[first]["npz"])) for name, r in refs.items()}
+    for name, r in refs.items():
+        r["fidelity_vs_exact"] = vs[name]
+    rows = refs | mine
+    ref = next(iter(refs))
     print(
-        f"\nrandom:{a.size} checkpoint, "
-        f"{a.width}x{a.height}x{a.num_frames}, {a.steps} steps, CFG 5.0; CPU fp32, 2 cores"
+        f"\nrandom:{a.size} checkpoint, {a.width}x{a.height}x{a.num_frames}, {a.steps} steps, "
+        f"CFG 5.0, CPU; wanlite dtype {a.dtype} -> {mine[first]['dtype']}"
     )
-    print(table(rows, ref="diffusers-fp32"))
-    print(
-        f"\n{exact} vs diffusers: latents max abs diff {vs_diffusers['latents_max_abs_diff']:.2e}, "
-        f"frames max diff {vs_diffusers['frames_max_diff']} levels, "
-        f"PSNR {vs_diffusers['psnr_db']:.1f} dB"
-    )
+    print(host_line())
+    print(table(rows, ref=ref))
+    for name, f in vs.items():
+        print(
+            f"{first} vs {name}: latents max abs diff {f['latents_max_abs_diff']:.2e}, "
+            f"frames max diff {f['frames_max_diff']} levels, PSNR {f['psnr_db']:.1f} dB"
+        )
     cold = {n: r["load_s"] + r["generate_s"] for n, r in rows.items()}
-    mine = res[exact]
     print(
-        f"load + first call: diffusers {cold['diffusers-fp32']:.1f} s (load {ref['load_s']:.1f} s)"
-        f", {exact} {cold[exact]:.1f} s (load {mine['load_s']:.1f} s + {mine['weights_s']:.1f} s"
-        f" of weight reads in the call): {cold[exact] / cold['diffusers-fp32']:.3f}x"
+        f"load + first call: {ref} {cold[ref]:.1f} s, {first} {cold[first]:.1f} s "
+        f"({mine[first]['weights_s']:.1f} s of weight reads in the call): "
+        f"{cold[first] / cold[ref]:.3f}x"
     )
     title = f"wanlite vs diffusers, {a.width}x{a.height}x{a.num_frames}, {a.steps} steps, CPU"
-    print(f"chart: {chart(rows, a.chart, title)}")
-    print(json.dumps({"params": params, "results": rows, "exact_vs_diffusers": vs_diffusers}))
+    png = chart(rows, a.chart, title)
+    print(f"chart: {png or 'skipped (no matplotlib)'}")
+    summary = {
+        "params": params,
+        "host": host_cpu(),
+        "reference": ref,
+        "time_ratio_vs_reference": mine[first]["generate_s"] / refs[ref]["generate_s"],
+        "results": rows,
+        "fidelity_vs_references": vs,
+    }
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

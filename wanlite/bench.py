@@ -56,6 +56,28 @@ def parse_modes(spec: str) -> dict[str, dict]:
     return modes
 
 
+def host_cpu() -> dict:
+    """The host's CPU: model name and the features that decide bf16 speed.  Printed with every
+    benchmark: figures from hosts with other features are not comparable."""
+    flags, name = set(), "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+    return {"model": name, "cores": os.cpu_count(), "features": [f for f in wanted if f in flags]}
+
+
+def host_line() -> str:
+    cpu = host_cpu()
+    return f"host: {cpu['model']}, {cpu['cores']} cores, {' '.join(cpu['features']) or 'none'}"
+
+
 def run_generation(model: str, params: dict, options: dict) -> dict:
     """Load and generate once in this process; measurements plus the output arrays."""
     import wanlite
@@ -81,6 +103,7 @@ def run_generation(model: str, params: dict, options: dict) -> dict:
         "phase_peaks": video.peak_memory,
         "peak": max(pipe.load_peak, *video.peak_memory.values()),
         "device": str(pipe.device),
+        "dtype": str(pipe.dtype).removeprefix("torch."),
         "stats": video.stats,
         "estimate": pipe.placement.estimate.as_dict(),  # the planner's, for this call
         "arrays": {"latents": video.latents.float().cpu().numpy(), "frames": video.frames},
@@ -312,14 +335,16 @@ def main(args) -> int:
         f"{params['num_inference_steps']} steps, {results[next(iter(results))]['device']}"
     )
     print(title)
+    print(host_line())
     print(table(results))
-    (out / "bench.json").write_text(json.dumps({"params": params, "results": results}, indent=1))
+    doc = {"params": params, "host": host_cpu(), "results": results}
+    (out / "bench.json").write_text(json.dumps(doc, indent=1))
     png = chart(results, out / "bench.png", title)
     if png is None:
         print(f"wrote {out / 'bench.json'} (no chart: pip install 'wanlite[bench]' for matplotlib)")
     else:
         print(f"wrote {out / 'bench.json'} and {png}")
-    print(json.dumps({"params": params, "results": results}))
+    print(json.dumps(doc))
     return 0
 
 
