@@ -103,3 +103,23 @@ def test_json_schema_agrees_with_validate():
         except ValueError:
             ok_ours = False
         assert ok_schema == ok_ours, case
+
+
+@pytest.mark.parametrize("name", ["prompt", "negative_prompt"])
+def test_text_that_is_not_unicode_is_refused_naming_the_field(name):
+    with pytest.raises(ValueError, match=rf"^{name} is not valid Unicode") as e:
+        validate(**{"prompt": "a fox", name: "a\ud800b"})
+    assert e.value.param == name
+    assert "\\ud800" in str(e.value)
+    str(e.value).encode("utf-8")  # the message itself is always encodable
+    assert validate(prompt="un café ☕, 狐").prompt == "un café ☕, 狐"  # real text is fine
+
+
+def test_unknown_names_are_quoted_safely():
+    with pytest.raises(ValueError, match="unknown parameter") as e:
+        validate({"prompt": "x", "\ud800": 1})
+    str(e.value).encode("utf-8")
+    assert "'\\ud800'" in str(e.value) and e.value.param == "\ud800"
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\): fps$") as e:
+        validate(prompt="x", fps=24)
+    assert e.value.param == "fps"

@@ -35,6 +35,7 @@ from wanlite.video import read_mp4  # noqa: E402
 MODEL = "wan-ai-wan2-1-t2v-1-3b-diffusers"
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+JSON = {"Content-Type": "application/json"}
 SMALL = {"height": 16, "width": 16, "num_frames": 2, "num_inference_steps": 1}
 LONG = {"height": 256, "width": 256, "num_frames": 33, "num_inference_steps": 100}  # ~0.5 s/step
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -52,9 +53,17 @@ class Server:
     """A ``python -m wanlite.server`` subprocess with its own data dir and log file."""
 
     def __init__(
-        self, data_dir: Path, max_queue: int = 25, port: int | None = None, model="random:tiny"
+        self,
+        data_dir: Path,
+        max_queue: int = 25,
+        port: int | None = None,
+        model="random:tiny",
+        key: str | None = KEY,
+        extra: tuple[str, ...] = (),
+        preexec_fn=None,
     ):
         self.data_dir, self.max_queue, self.model = Path(data_dir), max_queue, model
+        self.key, self.extra, self.preexec_fn = key, tuple(extra), preexec_fn
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = self.data_dir.with_suffix(".log")
@@ -63,16 +72,28 @@ class Server:
     def start(self) -> Server:
         cmd = [sys.executable, "-m", "wanlite.server", "--model", self.model]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu"]
-        cmd += ["--data-dir", str(self.data_dir), "--api-key", KEY]
-        cmd += ["--max-queue", str(self.max_queue)]
+        cmd += ["--data-dir", str(self.data_dir), "--max-queue", str(self.max_queue)]
+        cmd += ["--api-key", self.key] if self.key else []
         cmd += ["--threads", "1"]  # tiny tensors: one thread is many times faster on 2 busy cores
+        cmd += self.extra
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+        env = {k: v for k, v in os.environ.items() if k != "WANLITE_API_KEY"}
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=self.preexec_fn
+        )
         log.close()
         return self
 
     def log_tail(self, n: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def log_records(self) -> list[dict]:
+        """The JSON log lines so far (other lines, e.g. a crash's traceback, are skipped)."""
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
 
     def wait_ready(self, timeout: float = 180) -> Server:
         deadline = time.monotonic() + timeout
@@ -102,7 +123,9 @@ class Server:
 
     # -- client helpers ---------------------------------------------------------------------
     def req(self, method: str, path: str, auth: bool = True, **kw) -> requests.Response:
-        headers = {**(AUTH if auth else {}), **kw.pop("headers", {})}
+        auth = auth and self.key is not None
+        headers = {**({"Authorization": f"Bearer {self.key}"} if auth else {})}
+        headers.update(kw.pop("headers", {}))
         return requests.request(method, self.base + path, headers=headers, timeout=60, **kw)
 
     def enqueue(self, n: int = 1, **params) -> list[str]:
@@ -529,7 +552,7 @@ def test_bad_inputs_get_clear_errors_and_leave_the_queue_alone(server):
         (b"", "empty"),
         (b"\xff\xfe", "malformed JSON"),
     ]:
-        r = server.req("POST", "/api/ai/queue", data=raw)
+        r = server.req("POST", "/api/ai/queue", data=raw, headers=JSON)
         assert r.status_code == 400 and what in r.json()["error"]["message"], r.text
     big = {"model": MODEL, "prompt": "x" * 70_000}
     r = server.req("POST", "/api/ai/queue", json=big)
@@ -609,6 +632,7 @@ def test_crash_restart_and_full_queue(tiny_checkpoint, tmp_path):
         queued = s.enqueue(2, num_frames=3, height=24, width=16)
         full = s.req("POST", "/api/ai/queue", json={"model": MODEL, "prompt": "x", **SMALL})
         assert full.status_code == 429 and "queue is full" in full.json()["error"]["message"]
+        assert int(full.headers["Retry-After"]) >= 1
         r = s.req("POST", "/api/ai/videos/generate", json={"model": MODEL, "prompt": "x"})
         assert r.status_code == 429
         assert [s.status(q)["status"] for q in queued] == ["queued", "queued"]
@@ -627,7 +651,8 @@ def test_crash_restart_and_full_queue(tiny_checkpoint, tmp_path):
             assert download_video(d["result_url"], tmp_path).shape == (3, 24, 16, 3)
         assert download_video(old["url"], tmp_path).shape == (3, 16, 16, 3)
         again = s2.status(old["generation_id"])
-        assert again["status"] == "succeeded" and again["result_url"] == old["url"]
+        assert again["status"] == "succeeded"
+        assert again["result_url"].split("?")[0] == old["url"].split("?")[0]  # a fresh link
         # one server per data dir: a second one refuses to start, in one line
         second = Server(tmp_path / "data").start()
         assert second.proc.wait(60) == 2

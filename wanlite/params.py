@@ -17,6 +17,29 @@ MAX_SEED = 2**63 - 1  # fits SQLite INTEGER and torch.Generator.manual_seed
 MODEL_ID = "wan-ai-wan2-1-t2v-1-3b-diffusers"  # the hosted API's id for this model
 
 
+class ParamError(ValueError):
+    """A bad parameter; ``param`` names it (None when several or none are to blame)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def _quote(text: str) -> str:
+    """User text quoted for a message: ASCII-only, so it is safe in any log or JSON body
+    (a lone surrogate such as ``"\\ud800"`` shows as its escape)."""
+    return ascii(text)
+
+
+def is_unicode(text: str) -> bool:
+    """False for text that cannot be encoded as UTF-8 (lone surrogates, valid in JSON strings)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Field:
     name: str
@@ -38,10 +61,14 @@ class Field:
         """Return the normalized value or raise ValueError naming this field and its range."""
         if value is None and self.nullable:
             return None
-        bad = ValueError(f"{self.name} must be {self.range_text()}, got {value!r}")
+        shown = _quote(value) if isinstance(value, str) else repr(value)
+        bad = ParamError(f"{self.name} must be {self.range_text()}, got {shown}", self.name)
         if self.type == "string":
             if not isinstance(value, str) or (self.required and not value.strip()):
                 raise bad
+            if not is_unicode(value):
+                msg = f"{self.name} is not valid Unicode text (a lone surrogate?): {shown}"
+                raise ParamError(msg, self.name)
             return value
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise bad
@@ -113,11 +140,14 @@ class GenerationParams:
 def validate(params: dict[str, Any] | None = None, **kwargs: Any) -> GenerationParams:
     """Check every field (unknown names included) and return the normalized parameters."""
     given = {**(params or {}), **kwargs}
-    unknown = sorted(set(given) - set(FIELDS_BY_NAME))
+    unknown = sorted(set(given) - set(FIELDS_BY_NAME), key=_quote)
     if unknown:
-        raise ValueError(f"unknown parameter(s): {', '.join(unknown)}")
+        names = ", ".join(n if n.isidentifier() and n.isascii() else _quote(n) for n in unknown)
+        raise ParamError(
+            f"unknown parameter(s): {names}", unknown[0] if len(unknown) == 1 else None
+        )
     if "prompt" not in given:
-        raise ValueError("prompt is required: a non-empty string")
+        raise ParamError("prompt is required: a non-empty string", "prompt")
     out = {}
     for f in FIELDS:
         value = given.get(f.name, f.default)

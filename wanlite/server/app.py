@@ -28,8 +28,10 @@ from starlette.concurrency import run_in_threadpool
 
 from . import routes_events, routes_generate, routes_models, routes_queue, routes_results
 from .context import ServerConfig, ServerContext
-from .errors import install_error_handlers
+from .errors import AsciiJSONResponse, install_error_handlers
 from .guard import Guard
+from .origin import OriginPolicy
+from .protocol import limit_accept_errors
 from .signing import Signer
 from .store import Store
 from .worker import EventHub, Worker
@@ -71,6 +73,7 @@ def _lifespan(c: ServerContext, loader):
         c.store = _open_store(c)
         c.hub = EventHub()
         c.hub.bind(asyncio.get_running_loop())
+        limit_accept_errors(asyncio.get_running_loop())
         c.worker = Worker(c.store, c.results_dir, loader, c.hub)
         c.worker.start()
         log.info("server started", extra={"fields": {"model": c.config.model_id}})
@@ -85,11 +88,25 @@ def _lifespan(c: ServerContext, loader):
 
 def create_app(config: ServerConfig, loader=None) -> FastAPI:
     """The app.  ``loader()`` returns a pipeline (default: ``wanlite.load`` of config.model)."""
-    c = ServerContext(config, Signer(config.api_key))
+    c = ServerContext(config, Signer(config.api_key, config.result_ttl))
     lifespan = _lifespan(c, loader or default_loader(config))
-    app = FastAPI(title="wanlite", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="wanlite",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        default_response_class=AsciiJSONResponse,  # always encodable, whatever a row holds
+    )
     app.state.ctx = c
-    app.add_middleware(Guard, api_key=config.api_key, max_body=config.max_body, signer=c.signer)
+    origins = OriginPolicy(config.allowed_origins, config.public_url)
+    app.add_middleware(
+        Guard,
+        api_key=config.api_key,
+        max_body=config.max_body,
+        signer=c.signer,
+        hosts=config.allowed_hosts,
+        origins=origins,
+    )
     install_error_handlers(app)
     for module in ROUTERS:
         app.include_router(module.router)

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +49,44 @@ def setup_logging(level: str = "info") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+
+
+def _add_guard_options(p: argparse.ArgumentParser) -> None:
+    """Flags of the connection and browser guards (see the server README's security model)."""
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin (e.g. http://localhost:3000) allowed to call the API, with CORS "
+        "headers; repeatable (default: none, cross-site browser requests get 403)",
+    )
+    p.add_argument(
+        "--forwarded-allow-ips",
+        default=None,
+        metavar="IPS",
+        help="comma-separated proxy IPs whose X-Forwarded-Proto/-For are trusted "
+        "(default: none are)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send a whole request head and body; slower connections "
+        "are closed (default 10)",
+    )
+    p.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=100,
+        help="max open connections; more get 503 at once (default 100)",
+    )
+    p.add_argument(
+        "--result-ttl",
+        type=float,
+        default=6 * 3600.0,
+        help="seconds a signed result link stays valid, with an API key (default 21600 = 6 h)",
+    )
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -85,8 +124,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--public-url",
         default=None,
-        help="base of result URLs, e.g. behind a proxy (default: the request's host)",
+        help="base of result URLs, e.g. behind a proxy; its host is also accepted as Host "
+        "(default: the address the client connected to)",
     )
+    _add_guard_options(p)
     add_runtime_options(p)  # the same runtime flags as `wanlite generate`
     p.add_argument(
         "--threads", type=int, default=0, help="CPU threads for the model (default: torch's)"
@@ -99,6 +140,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
     """The error of a bad flag, found now in one line rather than later as a failed /ready."""
     if args.max_queue < 1:
         return "--max-queue must be at least 1"
+    if args.limit_concurrency < 1 or args.request_timeout <= 0 or args.result_ttl <= 0:
+        return "--limit-concurrency, --request-timeout and --result-ttl must be positive"
     try:
         Options(**runtime_options(args))
     except ValueError as e:
@@ -108,6 +151,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
 
 def _config(args: argparse.Namespace):
     from .app import ServerConfig
+    from .origin import allowed_hosts
 
     return ServerConfig(
         model=args.model,
@@ -118,6 +162,9 @@ def _config(args: argparse.Namespace):
         public_url=args.public_url,
         options=runtime_options(args),
         threads=args.threads,
+        allowed_hosts=allowed_hosts(args.host, args.port, args.public_url),
+        allowed_origins=tuple(args.allow_origin),
+        result_ttl=args.result_ttl,
     )
 
 
@@ -126,10 +173,15 @@ def _check_data_dir(data_dir: Path) -> str | None:
     from .store import lock_data_dir
 
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / "results").mkdir(parents=True, exist_ok=True)
         lock_data_dir(data_dir).close()
-    except (RuntimeError, OSError) as e:
+        for folder in (data_dir, data_dir / "results"):  # the lock file may be there already
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+    except RuntimeError as e:
         return str(e)
+    except OSError as e:  # one line, whatever the folder: no traceback
+        return f"data dir {str(data_dir)!r} is not usable: {e.strerror or e}"
     return None
 
 
@@ -149,17 +201,30 @@ def _serve(args: argparse.Namespace, config) -> int:
     import uvicorn
 
     from .app import create_app
+    from .protocol import guarded_h11
 
+    app = create_app(config)
+    forwarded = args.forwarded_allow_ips
     uv = uvicorn.Config(
-        create_app(config),
+        app,
         host=args.host,
         port=args.port,
+        loop="asyncio",
+        http=guarded_h11(args.request_timeout, args.limit_concurrency),
+        proxy_headers=bool(forwarded),  # uvicorn would trust 127.0.0.1 by default
+        forwarded_allow_ips=forwarded or None,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=3,  # SSE streams never end on their own
+        timeout_graceful_shutdown=3,  # a last resort: jobs and SSE streams stop on the signal
     )
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.ctx.begin_shutdown()  # before uvicorn starts waiting for connections
+            super().handle_exit(sig, frame)
+
     try:
-        uvicorn.Server(uv).run()
+        Server(uv).run()
     except KeyboardInterrupt:
         return 130
     return 0

@@ -5,8 +5,13 @@ Design
 * :class:`ServerConfig` is what the command line decides; :class:`ServerContext` adds what
   exists while the app runs (store, worker, event hub) and lives on ``app.state.ctx``; route
   handlers reach it with :func:`ctx`.
-* Result links are absolute URLs of this server; with an API key they carry a signature
-  (see :mod:`wanlite.server.signing`).
+* Result links are absolute URLs built from ``--public-url`` or, without it, from the address
+  the client connected to: never from the client's ``Host`` or ``X-Forwarded-Host``, which a
+  client (or anyone in front of a proxy) may set to anything.  With an API key they carry
+  ``expires`` and a signature over the id and ``expires`` (:mod:`wanlite.server.signing`).
+* :meth:`ServerContext.begin_shutdown` runs at the shutdown signal, before uvicorn waits for
+  open connections: the running generation stops at its next step (and is re-queued) and
+  event streams end, so neither holds the shutdown up.
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 64  # generations waiting (not counting the running one)
     max_body: int = 64 * 1024
-    public_url: str | None = None  # base of result URLs; default: the request's own
+    public_url: str | None = None  # base of result URLs; default: the address connected to
     options: dict = field(default_factory=dict)  # wanlite.Options fields for wanlite.load
     threads: int = 0  # torch intra-op threads for the model; 0 = torch's default
+    allowed_hosts: tuple[str, ...] | None = None  # Host values served (host:port); None = any
+    allowed_origins: tuple[str, ...] = ()  # cross-site origins allowed, with CORS headers
+    result_ttl: float = 6 * 3600.0  # seconds a signed result link stays valid
 
 
 @dataclass
@@ -51,7 +59,20 @@ class ServerContext:
         return Path(self.config.data_dir) / "results"
 
     def base_url(self, request: Request) -> str:
-        return (self.config.public_url or str(request.base_url)).rstrip("/")
+        if self.config.public_url:
+            return self.config.public_url.rstrip("/")
+        # the local address this connection reached, never the client's Host header; the
+        # scheme is X-Forwarded-Proto's only from --forwarded-allow-ips (uvicorn rewrites it)
+        host, port = request.scope["server"]
+        host = f"[{host}]" if ":" in host else host
+        return f"{request.url.scheme}://{host}:{port}"
+
+    def begin_shutdown(self) -> None:
+        """Callable from a signal handler: stop the worker's job, end the event streams."""
+        if self.worker is not None:
+            self.worker.interrupt()
+        if self.hub is not None:
+            self.hub.close()
 
     def result_url(self, base: str, gen_id: str) -> str:
         url = base + result_path(gen_id)

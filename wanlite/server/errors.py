@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -48,10 +49,28 @@ async def _api_error(request, exc: ApiError):
     return error_response(exc.status, exc.message, exc.type, exc.headers, **exc.extra)
 
 
+def _methods(routes, scope) -> set[str]:
+    methods: set[str] = set()
+    for route in routes:
+        if hasattr(route, "original_router"):  # an included APIRouter
+            methods |= _methods(route.original_router.routes, scope)
+        elif route.matches(scope)[0] != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return methods
+
+
+def _allowed_methods(request) -> str:
+    """Every method some route takes on this path (Starlette names only the first route's)."""
+    return ", ".join(sorted(_methods(request.app.routes, request.scope)))
+
+
 async def _http_error(request, exc: StarletteHTTPException):
     type_ = "not_found" if exc.status_code == 404 else "invalid_request_error"
     message = "not found" if exc.status_code == 404 else str(exc.detail)
-    return error_response(exc.status_code, message, type_, exc.headers)  # keeps 405's Allow
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    return error_response(exc.status_code, message, type_, headers)
 
 
 async def _validation_error(request, exc: RequestValidationError):

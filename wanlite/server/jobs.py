@@ -13,13 +13,14 @@ from typing import Any
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from wanlite.params import FIELDS_BY_NAME, validate
+from wanlite.params import validate
 
 from .context import ServerContext, ctx
 from .errors import ApiError
 from .store import QueueFull
 
 log = logging.getLogger("wanlite.server")
+RETRY_AFTER = "10"  # seconds a client should wait after a 429: a small job's time, roughly
 
 
 def _pop_extras(c: ServerContext, body: dict[str, Any], queue: bool) -> tuple[int, str]:
@@ -48,13 +49,8 @@ def parse_request(c: ServerContext, body: dict[str, Any], queue: bool) -> tuple[
     n, fmt = _pop_extras(c, body, queue)
     try:
         params = validate(body).to_dict()
-    except ValueError as e:
-        msg = str(e)
-        first = msg.split(" ", 1)[0]
-        param = first if first in FIELDS_BY_NAME else None
-        if msg.startswith("unknown parameter"):
-            param = msg.split(": ", 1)[1]
-        raise ApiError(400, msg, param=param) from None
+    except ValueError as e:  # messages quote user text ASCII-escaped (wanlite.params)
+        raise ApiError(400, str(e), param=getattr(e, "param", None)) from None
     return params, n, fmt
 
 
@@ -67,7 +63,7 @@ async def enqueue(request: Request, params: dict, n: int, fmt: str) -> list[dict
             c.store.enqueue, c.config.model_id, params, n, fmt, c.config.max_queue
         )
     except QueueFull as e:
-        raise ApiError(429, str(e), "queue_full") from None
+        raise ApiError(429, str(e), "queue_full", headers={"Retry-After": RETRY_AFTER}) from None
     c.worker.notify()
     for row in rows:
         log.info("generation queued", extra={"fields": {"generation_id": row["id"]}})

@@ -1,6 +1,6 @@
 """``GET /api/events``: Server-Sent Events.  A new subscriber first gets the completion events
 of the last minute (so a client that enqueues and then connects cannot miss a fast job), then
-live events, with a comment line every 15 s of silence."""
+live events, with a comment line every 15 s of silence.  Streams end when the server stops."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .context import ctx
 from .store import TERMINAL
-from .worker import terminal_events
+from .worker import CLOSED, terminal_events
 
 router = APIRouter()
 
@@ -40,6 +40,8 @@ async def _stream(hub, queue: asyncio.Queue, recent: list[dict], link):
             except asyncio.TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
+            if name == CLOSED:
+                return  # the server is stopping: end the stream cleanly
             if data["status"] in TERMINAL and data["generation_id"] in replayed:
                 continue  # already sent from the replay
             yield _frame(name, link(data))

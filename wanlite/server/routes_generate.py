@@ -14,15 +14,15 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from .body import read_body
 from .context import ServerContext, _ts, ctx
 from .errors import ApiError
-from .guard import read_body
+from .errors import AsciiJSONResponse as JSONResponse
 from .jobs import enqueue, parse_request
 from .store import TERMINAL
-from .worker import COMPLETED
+from .worker import CLOSED, COMPLETED
 
 log = logging.getLogger("wanlite.server")
 router = APIRouter()
@@ -37,6 +37,9 @@ async def _wait(request: Request, events: asyncio.Queue, gen_id: str) -> bool:
             name, data = await asyncio.wait_for(events.get(), timeout=1.0)
             if name == COMPLETED and data["generation_id"] == gen_id:
                 return True
+            if name == CLOSED:
+                msg = f"the server is stopping: generation {gen_id} stays queued; poll it later"
+                raise ApiError(503, msg, "server_shutting_down", headers={"Retry-After": "10"})
         except asyncio.TimeoutError:
             pass
         if time.monotonic() < next_check:

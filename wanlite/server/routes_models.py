@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
 from wanlite.params import json_schema
 
 from .context import ctx
 from .errors import ApiError
+from .errors import AsciiJSONResponse as JSONResponse
 
 router = APIRouter()
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from .body import read_body
 from .context import ctx, render
 from .errors import ApiError
-from .guard import read_body
 from .jobs import enqueue, parse_request
 from .store import STATUSES
 

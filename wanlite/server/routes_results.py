@@ -9,12 +9,12 @@ from fastapi.responses import FileResponse
 
 from .context import ctx
 from .errors import ApiError
-from .guard import RESULT_RE
+from .guard_paths import RESULT_RE
 
 router = APIRouter()
 
 
-@router.get("/api/ai/results/{name}")
+@router.api_route("/api/ai/results/{name}", methods=["GET", "HEAD"])
 def get_result(name: str, request: Request):
     c = ctx(request)
     m = RESULT_RE.match(f"/api/ai/results/{name}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import threading
 import time
@@ -40,7 +41,19 @@ PROGRESS = "media_generation_progress"
 COMPLETED = "media_generation_completed"  # every terminal status (check data["status"])
 FAILED = "media_generation_failed"
 CANCELLED = "media_generation_cancelled"
+CLOSED = "server_shutting_down"  # sent to every subscriber once, at shutdown (never to clients)
 SUBSCRIBER_BACKLOG = 10_000  # events kept for a slow subscriber before progress ones are dropped
+
+
+_QUOTED_PATH = re.compile(r"""(['"])(?:[A-Za-z]:)?[/\\].*?\1""")
+_PATH = re.compile(r"""(?<![\w.-])(?:[A-Za-z]:)?[/\\][^\s'"]*""")
+
+
+def public_error(e: BaseException) -> str:
+    """An exception as clients see it: type and message with file paths left out (the full
+    text goes to the server log)."""
+    text = _QUOTED_PATH.sub(r"\1<path>\1", str(e))
+    return f"{type(e).__name__}: {_PATH.sub('<path>', text)}"
 
 
 def result_path(gen_id: str) -> str:
@@ -72,6 +85,7 @@ class EventHub:
     def __init__(self) -> None:
         self._subs: set[asyncio.Queue] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -79,6 +93,8 @@ class EventHub:
     def subscribe(self) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue()
         self._subs.add(q)
+        if self.closed:
+            q.put_nowait((CLOSED, {}))
         return q
 
     def unsubscribe(self, q: asyncio.Queue) -> None:
@@ -91,6 +107,11 @@ class EventHub:
             # RuntimeError: the loop closed in between, so nobody is listening any more
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._fanout, name, data)
+
+    def close(self) -> None:
+        """Thread- and signal-safe: every subscriber gets ``CLOSED`` (and later ones at once)."""
+        self.closed = True
+        self.publish(CLOSED, {})
 
     def _fanout(self, name: str, data: dict[str, Any]) -> None:
         for q in list(self._subs):
@@ -148,10 +169,15 @@ class Worker:
                 self.hub.publish(name, data)
         return row, outcome
 
-    def stop(self, timeout: float = 5.0) -> bool:
-        """Stop the thread (a running job goes back to the queue); True if it has ended."""
+    def interrupt(self) -> None:
+        """Ask the thread to stop (signal-safe, returns at once): a running job stops at its
+        next step and goes back to the queue."""
         self._stop.set()
         self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the thread (a running job goes back to the queue); True if it has ended."""
+        self.interrupt()
         if self._thread.is_alive():
             self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -162,9 +188,9 @@ class Worker:
         try:
             self.pipe = self.loader()
         except BaseException as e:  # noqa: BLE001 - any load error must reach /ready and jobs
-            self.load_error = f"{type(e).__name__}: {e}"
+            self.load_error = public_error(e)  # /ready is open: no server paths in it
             self.state = "failed"
-            log.error("model load failed", extra={"fields": {"error": self.load_error}})
+            log.error("model load failed", extra={"fields": {"error": f"{type(e).__name__}: {e}"}})
             for row in self.store.fail_queued(f"the model failed to load: {self.load_error}"):
                 for name, data in terminal_events(row):
                     self.hub.publish(name, data)
@@ -218,7 +244,7 @@ class Worker:
         except _CancelRequested:
             status, error = "cancelled", "cancelled by request"
         except Exception as e:  # noqa: BLE001 - a failed job must not kill the worker
-            error = f"{type(e).__name__}: {e}"
+            error = public_error(e)
             log.exception("generation failed", extra={"fields": {"generation_id": gen_id}})
         finally:
             self._cancel.discard(gen_id)
