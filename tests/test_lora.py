@@ -94,10 +94,8 @@ def _write(tmp_path, name, sd, metadata=None):
 
 def _ours(checkpoint, loras, **options):
     pipe = wanlite.load(
-        str(checkpoint), device="cpu", dtype="float32", embed_cache=False, **options
+        str(checkpoint), device="cpu", dtype="float32", embed_cache=False, lora=loras, **options
     )
-    if loras:
-        pipe.components["transformer"].delta = LoraSet(loras, dit_shapes(pipe.cfg.dit))
     return pipe.generate(PROMPT, negative_prompt=NEG, seed=SEED, progress=False, **GEN)
 
 
@@ -414,3 +412,50 @@ def test_dit_shapes_are_the_models(tiny_checkpoint, shapes):
 
     model = WanDiT(read_model_config(tiny_checkpoint).dit)
     assert shapes == {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+# --- through wanlite.load and the CLI ----------------------------------------------------------
+
+
+def test_load_with_offload_none_merges_at_load(tiny_checkpoint, tmp_path, shapes):
+    """offload="none" reads the weights in wanlite.load: the LoRA is merged there too."""
+    path = _write(tmp_path, "orig", _original(shapes, 11))
+    plain_pipe = wanlite.load(str(tiny_checkpoint), device="cpu", dtype="float32",
+                              offload="none", linear="aten")  # fmt: skip
+    merged = wanlite.load(str(tiny_checkpoint), device="cpu", dtype="float32", offload="none",
+                          linear="aten", lora=[(str(path), 0.8)])  # fmt: skip
+    name = "blocks.1.self_attn.q.weight"
+    delta = LoraSet([(path, 0.8)], shapes)(name)
+    w0 = dict(plain_pipe.components["transformer"].module.named_parameters())[name]
+    w1 = dict(merged.components["transformer"].module.named_parameters())[name]
+    torch.testing.assert_close(w1, w0 + delta, rtol=0, atol=1e-6)
+
+
+def test_cli_rejects_a_lora_for_another_size_in_one_line(tiny_checkpoint, tmp_path, capsys):
+    from wanlite.cli import main
+
+    sd = {
+        "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, 5120),
+        "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(5120, 4),
+    }
+    path = _write(tmp_path, "wan14b", sd)
+    out = tmp_path / "v.mp4"
+    argv = ["generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--out", str(out)]
+    assert main([*argv, "--lora", f"{path}:0.7", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "wan14b.safetensors" in err and "5120" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == [path]
+
+
+def test_causvid_preset_runs_8_fixed_steps_without_cfg(tiny_checkpoint, tmp_path, shapes):
+    path = _write(tmp_path, "causvid", _original(shapes, 5))
+    pipe = wanlite.load(str(tiny_checkpoint), device="cpu", dtype="float32", embed_cache=False,
+                        preset="causvid", lora=[(str(path), 1.0)])  # fmt: skip
+    seen = []
+    kw = dict(height=16, width=16, num_frames=1, seed=0, progress=False)
+    video = pipe.generate("a fox", callback=lambda i, n, x: seen.append(n), **kw)
+    assert seen == [8] * 8  # the preset's default steps
+    assert video.stats["dit_forwards"] == 8 and video.stats["cfg_steps"] == 0  # guidance 1
+    pipe.generate("a fox", num_inference_steps=4, guidance_scale=3.0, **kw)
+    with pytest.raises(ValueError, match="timestep"):  # the list has 9 entries
+        pipe.generate("a fox", num_inference_steps=12, **kw)

@@ -311,23 +311,28 @@ def main(args) -> int:
     from .loading import resolve_model
     from .options import runtime_options
     from .params import validate
+    from .presets import request_defaults
 
     modes = parse_modes(args.modes)
     if args.repeat < 1:
         raise ValueError(f"--repeat must be at least 1, got {args.repeat}")
+    steps = args.steps if args.steps is not None or args.preset else 8  # short by default
+    steps, guidance = request_defaults(args.preset, steps, args.guidance_scale)
     params = validate(
         prompt=args.prompt,
         height=args.height,
         width=args.width,
         num_frames=args.num_frames,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
         seed=args.seed,
     ).to_dict()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = str(resolve_model(args.model))
     base = runtime_options(args)  # only the flags that were given
+    if args.preset:
+        base["preset"] = args.preset
     base["embed_cache"] = False  # every mode encodes its prompts: same work in every row
     results = run_modes(model, params, modes, out, base, args.repeat)
     title = (

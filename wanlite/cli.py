@@ -30,12 +30,33 @@ def _add_generate(sub) -> None:
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             type=types[f.type],
-            default=f.default,
+            # None: the preset's default if there is one, else the schema's (wanlite.presets)
+            default=None if f.name in PRESET_FIELDS else f.default,
             required=f.required,
             help=f"{f.description}{rng}{default}",
         )
     add_runtime_options(p)
+    _add_preset(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+
+
+PRESET_FIELDS = ("num_inference_steps", "guidance_scale")  # defaults a preset may change
+
+
+def _add_preset(p) -> None:
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="a named recipe (see `wanlite presets`): sampler, default steps and guidance",
+    )
+
+
+def _presets(args) -> int:
+    from .presets import describe_presets
+
+    for name, settings, source in describe_presets():
+        print(f"{name}: {settings}\n  source: {source}")
+    return 0
 
 
 def _add_quantize(sub) -> None:
@@ -67,8 +88,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--num-frames", type=int, default=17)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--steps", type=int, default=None, help="default 8, or the preset's")
+    p.add_argument(
+        "--guidance-scale", type=float, default=None, help="default 5.0, or the preset's"
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
         "--repeat",
@@ -78,6 +101,7 @@ def _add_bench(sub) -> None:
         "differences are noise)",
     )
     add_runtime_options(p, defaults=False)
+    _add_preset(p)
 
 
 def _bench(args) -> int:
@@ -89,14 +113,19 @@ def _bench(args) -> int:
 def _generate(args) -> int:
     from . import load
     from .memory import fmt_bytes
+    from .presets import request_defaults
 
-    params = validate({f.name: getattr(args, f.name) for f in FIELDS})
+    request = {f.name: getattr(args, f.name) for f in FIELDS}
+    steps, guidance = request_defaults(
+        args.preset, request.pop("num_inference_steps"), request.pop("guidance_scale")
+    )
+    params = validate(request | {"num_inference_steps": steps, "guidance_scale": guidance})
     out = Path(args.out)
     if out.suffix.lower() != ".mp4":
         raise ValueError(f"--out must be an .mp4 path, got {str(out)!r}")
     if out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a directory")
-    pipe = load(args.model, **runtime_options(args))
+    pipe = load(args.model, preset=args.preset, **runtime_options(args))
     video = pipe.generate(**params.to_dict(), progress=not args.quiet, save_to=out)
     print(f"seed: {video.seed}")
     size = f"{params.num_frames} frames, {params.width}x{params.height}, {video.fps} fps"
@@ -123,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench(sub)
     server.add_parser(sub)
     sub.add_parser("schema", help="print the JSON Schema of the generation parameters")
+    sub.add_parser("presets", help="list the named recipes (--preset) and their sources")
     args = parser.parse_args(argv)
     if args.command == "schema":
         print(json.dumps(json_schema(), indent=2))
@@ -132,7 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
-        commands = {"generate": _generate, "quantize": _quantize, "bench": _bench}
+        commands = {
+            "generate": _generate,
+            "quantize": _quantize,
+            "bench": _bench,
+            "presets": _presets,
+        }
         return commands[args.command](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -289,6 +289,10 @@ def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
             dtype=torch.float32,  # the VAE always runs in fp32
         ),
     }
+    if options.lora:  # every file and shape is checked now, before any generation work
+        from .lora import LoraSet, dit_shapes
+
+        comps["transformer"].delta = LoraSet(options.lora, dit_shapes(cfg.dit))
     if quant != "none" and comps["text_encoder"].quant == "none":
         log.info(
             "the umT5 is used as stored (%s is for the DiT here); `wanlite quantize` "

@@ -37,6 +37,13 @@ class Options:
     linear: kernels of the DiT blocks' linear layers: "aten" (torch's GEMM), "onednn" (fp32
         weights packed once for oneDNN, bias and GELU fused: CPU, resident fp32 blocks only),
         or "auto" (onednn where it applies, else aten; see ``wanlite.quant``).
+    lora: ``[(path, scale), ...]`` (or "PATH[:SCALE]" strings): LoRA files merged into the DiT
+        as its weights are read (see ``wanlite.lora``); several add up.
+    sampler / shift / timesteps: "unipc" (the checkpoint's) or "euler" (flow-matching Euler);
+        ``shift`` overrides the scheduler config's ``flow_shift``; ``timesteps`` a fixed list
+        (flow Euler on sigma = t / 1000, as accelerator LoRAs use).  See ``wanlite.scheduler``.
+    preset: a named recipe (``wanlite.presets``, e.g. "causvid"): its sampler, and defaults for
+        ``num_inference_steps`` and ``guidance_scale`` that explicit request values override.
     """
 
     device: str = "auto"
@@ -53,8 +60,16 @@ class Options:
     cache_threshold: float | None = None  # None = the mode's default
     compile: bool = False
     linear: str = "auto"  # "auto" | "aten" | "onednn"
+    lora: tuple[tuple[str, float], ...] = ()
+    sampler: str = "unipc"  # "unipc" | "euler"
+    shift: float | None = None
+    timesteps: tuple[float, ...] | None = None
+    preset: str | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "lora", tuple(parse_lora(x) for x in self.lora or ()))
+        if self.timesteps is not None:
+            object.__setattr__(self, "timesteps", parse_timesteps(self.timesteps))
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             choices = ["auto", *sorted(_DTYPES)]
             raise ValueError(f"dtype must be one of {choices}, got {self.dtype!r}")
@@ -66,6 +81,7 @@ class Options:
             ("cache", ("off", "teacache", "firstblock")),
             ("compile", (False, True)),
             ("linear", ("auto", "aten", "onednn")),
+            ("sampler", ("unipc", "euler")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -76,6 +92,11 @@ class Options:
         t = self.cache_threshold
         if t is not None and (not isinstance(t, int | float) or isinstance(t, bool) or t < 0):
             raise ValueError(f"cache_threshold must be a number >= 0, got {t!r}")
+        s = self.shift
+        if s is not None and (not isinstance(s, int | float) or isinstance(s, bool) or not s > 0):
+            raise ValueError(f"shift must be a number > 0, got {s!r}")
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise ValueError(f"preset must be a preset name, got {self.preset!r}")
 
     def resolve_device(self):
         import torch
@@ -171,6 +192,36 @@ def parse_bytes(value: str | int) -> int:
         raise ValueError(f"max_memory must look like '6GB' or '512MB', got {value!r}") from None
 
 
+def parse_lora(value) -> tuple[str, float]:
+    """``(path, scale)``, or ``"PATH[:SCALE]"`` (scale default 1.0) -> ``(path, scale)``."""
+    import math
+    from pathlib import Path
+
+    if isinstance(value, str | Path):
+        path, _, scale = str(value).rpartition(":") if ":" in str(value) else (value, "", "1")
+        try:
+            value = (str(path), float(scale))
+        except ValueError:  # a ':' that is part of the path (no scale after it)
+            value = (str(value), 1.0)
+    ok = isinstance(value, tuple | list) and len(value) == 2
+    ok = ok and isinstance(value[1], int | float) and not isinstance(value[1], bool)
+    if not ok or not math.isfinite(value[1]):
+        raise ValueError(f"lora must be (path, scale) or 'PATH[:SCALE]', got {value!r}")
+    return str(value[0]), float(value[1])
+
+
+def parse_timesteps(value) -> tuple[float, ...]:
+    """``[1000, 934, ...]`` or ``"1000,934,..."`` -> a tuple of floats (checked by the sampler)."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        out = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"timesteps must be numbers like 1000,934,862, got {value!r}") from None
+    if not out:
+        raise ValueError("timesteps must not be empty")
+    return out
+
+
 # (option name, argparse type, help).  Each becomes ``--name-with-dashes``; defaults come from
 # ``Options``.  A bool option is a store_true flag.
 FLAGS: tuple[tuple[str, type, str], ...] = (
@@ -187,6 +238,10 @@ FLAGS: tuple[tuple[str, type, str], ...] = (
     ("cache_threshold", float, "step-cache threshold"),
     ("compile", bool, "torch.compile the DiT block"),
     ("linear", str, "auto | aten | onednn (DiT block GEMMs)"),
+    ("lora", list, "PATH[:SCALE] a LoRA file merged into the DiT (repeatable; scale 1.0)"),
+    ("sampler", str, "unipc | euler"),
+    ("shift", float, "flow shift (default: the checkpoint's scheduler config)"),
+    ("timesteps", str, "a fixed timestep list for flow Euler, e.g. 1000,934,862,756"),
 )
 
 
@@ -199,6 +254,9 @@ def add_runtime_options(parser: argparse.ArgumentParser, defaults: bool = True) 
         default = getattr(base, name) if defaults else None
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=default, help=text)
+        elif kind is list:  # repeatable; None when never given
+            parser.add_argument(flag, action="append", default=None, metavar="PATH[:SCALE]",
+                                help=text)  # fmt: skip
         else:
             parser.add_argument(flag, type=kind, default=default, help=text)
 
@@ -206,4 +264,4 @@ def add_runtime_options(parser: argparse.ArgumentParser, defaults: bool = True) 
 def runtime_options(args: argparse.Namespace) -> dict:
     """The ``Options`` keyword arguments from parsed flags (None = not given, left out)."""
     values = {name: getattr(args, name) for name, _, _ in FLAGS}
-    return {k: v for k, v in values.items() if v is not None}
+    return {k: v for k, v in values.items() if v is not None and v != ()}

@@ -38,7 +38,8 @@ from .memory import PeakMeter
 from .options import Options
 from .params import GenerationParams, validate
 from .paths import DEFAULT_MODEL
-from .scheduler import timesteps_and_sigmas, unipc_init, unipc_step
+from .presets import get_preset, request_defaults
+from .scheduler import Sampler, make_sampler
 from .tiling import iter_decode_tiled
 from .tokenizer import Tokenizer, clean_prompt
 from .video import Video, write_mp4
@@ -113,6 +114,11 @@ class Pipeline:
         self.load_peak = meter.peaks["load"]
         self.placement: planner.Placement | None = None  # the last call's
         self.stats: dict = {}
+        self.preset = get_preset(self.options.preset) if self.options.preset else None
+        if self.preset is not None and (self.options.sampler != "unipc" or self.options.timesteps):
+            raise ValueError(
+                f"preset {self.preset.name!r} sets the sampler: leave sampler and timesteps unset"
+            )
 
     def _acquire(self, name: str, place: planner.Placement) -> torch.nn.Module:
         # The umT5's token embedding (256k x 4096: 4 GiB in fp32) is never read whole: a prompt
@@ -193,7 +199,7 @@ class Pipeline:
         latents: torch.Tensor,
         contexts: torch.Tensor,
         lengths: list[int],
-        num_steps: int,
+        sampler: Sampler,
         guidance_scale: float,
         place: planner.Placement,
     ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -204,8 +210,7 @@ class Pipeline:
         unconditional pass (``cfg_skip_last``) and applies the step cache; counts go to
         ``self.stats``."""
         o = self.options
-        timesteps, sigmas = timesteps_and_sigmas(self.cfg.scheduler, num_steps)
-        state = unipc_init(self.cfg.scheduler, sigmas)
+        timesteps, state, num_steps = sampler.timesteps, sampler.state, sampler.num_steps
         latents = latents.to(self.device)
         dit = self._acquire("transformer", place)
         branches = Branches(dit, contexts, lengths, o.cache, o.cache_threshold)
@@ -228,7 +233,7 @@ class Pipeline:
                 cond = branches.run("cond", x, temb, last)
                 uncond = branches.run("uncond", x, temb, last)
                 pred = uncond + guidance_scale * (cond - uncond)
-            latents, state = unipc_step(state, pred.float(), latents)
+            latents, state = sampler.step(state, pred.float(), latents)
             yield i, latents
         self.stats |= branches.counts()
 
@@ -253,9 +258,9 @@ class Pipeline:
         height: int = 480,
         width: int = 640,
         negative_prompt: str = " ",
-        num_inference_steps: int = 30,
+        num_inference_steps: int | None = None,
         num_frames: int = 81,
-        guidance_scale: float = 5.0,
+        guidance_scale: float | None = None,
         seed: int | None = None,
         *,
         callback: StepCallback | None = None,
@@ -263,30 +268,19 @@ class Pipeline:
         output_type: str = "frames",
         save_to: str | Path | None = None,
     ) -> Video:
-        """Generate a video.  Parameters and ranges are the hosted API's (``wanlite.params``).
+        """Generate a video.  Parameters and ranges are the hosted API's (``wanlite.params``);
+        ``num_inference_steps`` and ``guidance_scale`` default to 30 and 5.0, or to the preset's.
 
         ``callback(step, total, latents)`` runs after every denoising step; raising
         :class:`Cancelled` (or any exception) from it stops the generation.
         ``output_type="latent"`` skips decoding and returns the final latents in ``.latents``.
         ``save_to="out.mp4"`` streams the decoded frames to an MP4 as they are decoded
         (``video.frames`` is then empty and ``video.path`` names the file)."""
-        p = validate(
-            prompt=prompt,
-            height=height,
-            width=width,
-            negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps,
-            num_frames=num_frames,
-            guidance_scale=guidance_scale,
-            seed=seed,
-        )
+        request = dict(prompt=prompt, height=height, width=width, negative_prompt=negative_prompt)
+        request |= dict(num_inference_steps=num_inference_steps, num_frames=num_frames)
+        p, seed, sampler = self.request(**request, guidance_scale=guidance_scale, seed=seed)
         if output_type not in ("frames", "latent"):
             raise ValueError(f"output_type must be 'frames' or 'latent', got {output_type!r}")
-        seed = p.seed if p.seed is not None else secrets.randbelow(2**32)
-        log.info(
-            "generating %dx%d, %d frames, %d steps, guidance %g, seed %d",
-            *(p.width, p.height, p.num_frames, p.num_inference_steps, p.guidance_scale, seed),
-        )
         size = Plan.for_request(p, self.cfg)
         place = self.placement = self.place(size)
         run = _Run(self)
@@ -296,7 +290,7 @@ class Pipeline:
             with run.phase("denoise"):
                 latents = initial_noise(size.latent_shape, seed)
                 latents = self._denoise_phase(
-                    p, latents, contexts, lengths, place, callback, progress
+                    p, latents, contexts, lengths, place, sampler, callback, progress
                 )
             empty = np.zeros((0, p.height, p.width, 3), np.uint8)
             video = Video(empty, seed, params=p.to_dict(), latents=latents)
@@ -313,9 +307,31 @@ class Pipeline:
         self._settle(place)
         return contexts.to(self.dtype), lengths
 
-    def _denoise_phase(self, p, latents, contexts, lengths, place, callback, progress):
+    def request(self, **kw) -> tuple[GenerationParams, int, Sampler]:
+        """The validated request (the preset's defaults for steps and guidance where they are
+        None), its seed (drawn if None) and its sampler: every check before any model work."""
+        steps, guidance = request_defaults(
+            self.options.preset, kw.pop("num_inference_steps"), kw.pop("guidance_scale")
+        )
+        p = validate(**kw, num_inference_steps=steps, guidance_scale=guidance)
+        o = self.options
+        if self.preset is not None:
+            sampler = self.preset.make_sampler(self.cfg.scheduler, p.num_inference_steps, o.shift)
+        else:
+            sampler = make_sampler(
+                o.sampler, self.cfg.scheduler, p.num_inference_steps, o.shift, o.timesteps
+            )
+        seed = p.seed if p.seed is not None else secrets.randbelow(2**32)
+        log.info(
+            "generating %dx%d, %d frames, %d steps (%s), guidance %g, seed %d",
+            *(p.width, p.height, p.num_frames, p.num_inference_steps, sampler.kind),
+            *(p.guidance_scale, seed),
+        )
+        return p, seed, sampler
+
+    def _denoise_phase(self, p, latents, contexts, lengths, place, sampler, callback, progress):
         n = p.num_inference_steps
-        steps = self.denoise(latents, contexts, lengths, n, p.guidance_scale, place)
+        steps = self.denoise(latents, contexts, lengths, sampler, p.guidance_scale, place)
         with tqdm(total=n, desc="denoise", disable=not progress) as bar:
             for i, latents in steps:
                 bar.update(1)

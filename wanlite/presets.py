@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .configs import SchedulerConfig
 from .scheduler import Sampler, make_sampler
 
-__all__ = ["PRESETS", "Preset", "describe_presets", "get_preset"]
+__all__ = ["PRESETS", "Preset", "describe_presets", "get_preset", "request_defaults"]
 
 
 @dataclass(frozen=True)
@@ -77,3 +77,21 @@ def get_preset(name: str) -> Preset:
 def describe_presets() -> list[tuple[str, str, str]]:
     """(name, what it sets, source) for every preset, sorted by name."""
     return [(p.name, p.settings(), p.source) for _, p in sorted(PRESETS.items())]
+
+
+def request_defaults(
+    preset: str | None, num_inference_steps: int | None, guidance_scale: float | None
+) -> tuple[int, float]:
+    """(steps, guidance) of a request: the values given, else the preset's, else the hosted
+    schema's defaults (30, 5.0).  One rule for the library, the CLI and the server."""
+    from .params import FIELDS_BY_NAME
+
+    if preset is not None:
+        num_inference_steps, guidance_scale = get_preset(preset).defaults(
+            num_inference_steps, guidance_scale
+        )
+    if num_inference_steps is None:
+        num_inference_steps = FIELDS_BY_NAME["num_inference_steps"].default
+    if guidance_scale is None:
+        guidance_scale = FIELDS_BY_NAME["guidance_scale"].default
+    return num_inference_steps, guidance_scale
