@@ -210,3 +210,21 @@ def test_acquire_remakes_a_module_in_the_planned_mode(tiny_checkpoint):
     assert streamed is not resident and dit.streamer is not None
     assert all(p.is_meta for p in streamed.blocks.parameters())
     dit.release()
+
+
+def test_on_decode_sees_every_chunk_and_can_stop_the_decode(tiny_pipe):
+    """The server cancels a job during decode through ``on_decode``: it runs after every
+    decoded chunk (1 frame, then 4 per latent frame) and raising from it stops there."""
+    from wanlite.pipeline import Cancelled
+
+    kw = dict(height=16, width=16, num_frames=13, num_inference_steps=1, seed=0, progress=False)
+    seen = []
+    tiny_pipe.generate("x", on_decode=lambda done, total: seen.append((done, total)), **kw)
+    assert seen == [(1, 13), (5, 13), (9, 13), (13, 13)]
+
+    def stop(done, total):
+        if done >= 5:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        tiny_pipe.generate("x", on_decode=stop, **kw)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+RANDOM_LORA = "random-lora"  # a mode's placeholder for a random LoRA file written for the run
 DEFAULT_MODES = (
     "exact,compile,teacache:0.05,teacache:0.08,teacache:0.15,firstblock:0.05,cfg-skip:0.25"
 )
@@ -44,12 +45,14 @@ def parse_modes(spec: str) -> dict[str, dict]:
                 modes[name] = {"cache": kind, "cache_threshold": float(value)}
             elif kind == "cfg-skip":
                 modes[name] = {"cfg_skip_last": float(value)}
+            elif kind == "preset" and value:  # with a random rank-32 LoRA (mode_jobs writes it)
+                modes[name] = {"preset": value, "lora": RANDOM_LORA}
             else:
                 raise ValueError
         except ValueError:
             raise ValueError(
                 f"unknown bench mode {name!r}: use exact, exact:aten, compile, teacache:<t>, "
-                "firstblock:<t> or cfg-skip:<fraction>"
+                "firstblock:<t>, cfg-skip:<fraction> or preset:<name>"
             ) from None
     if not modes:
         raise ValueError("no bench modes given")
@@ -99,6 +102,8 @@ def run_generation(model: str, params: dict, options: dict) -> dict:
         "compile_warmup_s": warmup_s,
         "generate_s": generate_s,
         "weights_s": video.weights_seconds,
+        "steps": video.params["num_inference_steps"],
+        "guidance_scale": video.params["guidance_scale"],
         "phase_seconds": video.timings,
         "phase_peaks": video.peak_memory,
         "peak": max(pipe.load_peak, *video.peak_memory.values()),
@@ -150,9 +155,21 @@ def mode_jobs(
     """The worker command line of each mode (``base`` options shared); outputs go to workdir."""
     jobs = {}
     for name, opts in modes.items():
-        spec = json.dumps({"model": model, "params": params, "options": (base or {}) | opts})
+        request = params
+        if opts.get("lora") == RANDOM_LORA:  # a preset row: its steps and guidance, a LoRA
+            opts = opts | {"lora": [(str(_random_lora(model, workdir)), 1.0)]}
+            request = params | {"num_inference_steps": None, "guidance_scale": None}
+        spec = json.dumps({"model": model, "params": request, "options": (base or {}) | opts})
         jobs[name] = ["-m", "wanlite.bench", "--worker", spec, str(workdir / f"{_safe(name)}.npz")]
     return jobs
+
+
+def _random_lora(model: str, workdir: Path) -> Path:
+    from .configs import read_model_config
+    from .random_checkpoint import write_random_lora
+
+    path = workdir / "random-lora-rank32.safetensors"
+    return path if path.is_file() else write_random_lora(path, read_model_config(model).dit)
 
 
 def run_jobs(jobs: dict[str, list[str]], steps: int, repeat: int = 1) -> dict[str, dict]:
@@ -179,7 +196,7 @@ def _median(rs: list[dict], steps: int) -> dict:
     w = [r["weights_s"] for r in rs if r.get("weights_s") is not None]
     out["weights_s"] = float(np.median(w)) if w else None
     out["weights_s_each"] = [r.get("weights_s") for r in rs]
-    out["s_per_step"] = out["phase_seconds"]["denoise"] / steps
+    out["s_per_step"] = out["phase_seconds"]["denoise"] / out.get("steps", steps)
     out["peak"] = max(r["peak"] for r in rs)
     out["runs"] = len(rs)
     out["generate_s_each"] = [r["generate_s"] for r in rs]

@@ -264,6 +264,7 @@ class Pipeline:
         seed: int | None = None,
         *,
         callback: StepCallback | None = None,
+        on_decode: Callable[[int, int], None] | None = None,
         progress: bool = True,
         output_type: str = "frames",
         save_to: str | Path | None = None,
@@ -273,6 +274,8 @@ class Pipeline:
 
         ``callback(step, total, latents)`` runs after every denoising step; raising
         :class:`Cancelled` (or any exception) from it stops the generation.
+        ``on_decode(frames_done, num_frames)`` runs after every decoded chunk (a latent frame:
+        1 or 4 video frames); raising from it stops the decode there.
         ``output_type="latent"`` skips decoding and returns the final latents in ``.latents``.
         ``save_to="out.mp4"`` streams the decoded frames to an MP4 as they are decoded
         (``video.frames`` is then empty and ``video.path`` names the file)."""
@@ -296,7 +299,7 @@ class Pipeline:
             video = Video(empty, seed, params=p.to_dict(), latents=latents)
             if output_type == "frames":
                 with run.phase("decode"):
-                    self._decode_phase(video, latents, size, p, place, save_to)
+                    self._decode_phase(video, latents, size, p, place, save_to, on_decode)
         finally:
             self._settle(place)
         return run.finish(video)
@@ -340,15 +343,15 @@ class Pipeline:
         self._settle(place)
         return latents
 
-    def _decode_phase(self, video, latents, size, p, place, save_to) -> None:
-        chunks = self._iter_frames(latents, size, p, place)
+    def _decode_phase(self, video, latents, size, p, place, save_to, on_decode) -> None:
+        chunks = self._iter_frames(latents, size, p, place, on_decode)
         if save_to is None:
             video.frames = np.concatenate(list(chunks))
         else:  # frames go straight to the encoder; only one chunk is ever held
             video.path = write_mp4(save_to, chunks, p.height, p.width, video.fps)
         self._settle(place)
 
-    def _iter_frames(self, latents: torch.Tensor, size: Plan, p: GenerationParams, place):
+    def _iter_frames(self, latents, size: Plan, p: GenerationParams, place, on_decode=None):
         """uint8 frame chunks [n, height, width, 3], cropped and trimmed to the request."""
         top, left = (size.height - p.height) // 2, (size.width - p.width) // 2
         n = 0
@@ -356,6 +359,8 @@ class Pipeline:
             frames = to_uint8(chunk)[:, top : top + p.height, left : left + p.width]
             frames = frames[: p.num_frames - n]
             n += len(frames)
+            if on_decode is not None:
+                on_decode(n, p.num_frames)
             yield np.ascontiguousarray(frames)
             if n >= p.num_frames:
                 return

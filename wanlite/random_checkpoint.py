@@ -201,3 +201,32 @@ def ensure_random_checkpoint(size: str, t5_layers: int | None = None, seed: int 
             return out
         raise
     return out
+
+
+def write_random_lora(path: Path, cfg, rank: int = 32, seed: int = 0) -> Path:
+    """A random LoRA in the original (Kijai / ComfyUI) key layout, on every linear of every DiT
+    block, like the accelerator LoRAs for the 1.3B (``cfg`` a ``DiTConfig``): for benchmarks of
+    the merge, not for pictures."""
+    from safetensors.torch import save_file
+
+    from . import dit
+
+    with torch.device("meta"):
+        model = dit.WanDiT(cfg)
+    tensors = {}
+    for name, module in model.named_modules():
+        if not (name.startswith("blocks.") and isinstance(module, torch.nn.Linear)):
+            continue
+        g = torch.Generator().manual_seed(tensor_seed(seed, "lora", name))
+        down = torch.randn(rank, module.in_features, generator=g) * module.in_features**-0.5
+        up = torch.randn(module.out_features, rank, generator=g) * (0.01 / rank**0.5)
+        key = f"diffusion_model.{name}"
+        tensors |= {
+            f"{key}.lora_down.weight": down.bfloat16(),
+            f"{key}.lora_up.weight": up.bfloat16(),
+        }
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path

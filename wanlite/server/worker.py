@@ -8,8 +8,7 @@ Design
   side never touches torch, so it stays responsive while a video renders.
 * Cancelling: a queued row is cancelled in the store directly; a running one gets a flag that
   the pipeline's step callback checks, raising out of ``generate`` at the next denoising
-  step.  A cancel that lands during decoding still ends ``cancelled`` (the video is
-  dropped).
+  step, or at the next decoded chunk (``on_decode``) once decoding has started.
 * A clean shutdown stops the running generation at its next step and puts it back in the queue
   (it runs again after restart); a crash leaves it ``processing``, which the store's recovery
   turns into ``failed`` with a clear message.
@@ -217,11 +216,14 @@ class Worker:
         log.info("generation started", extra={"fields": fields})
         self.hub.publish(PROGRESS, event_data(row))
 
-        def callback(step: int, total_: int, latents) -> None:
+        def stop_if_asked(*_) -> None:  # after each step, and after each decoded chunk
             if self._stop.is_set():
                 raise _Shutdown
             if gen_id in self._cancel:
                 raise _CancelRequested
+
+        def callback(step: int, total_: int, latents) -> None:
+            stop_if_asked()
             self.store.progress(gen_id, step + 1)
             self.hub.publish(PROGRESS, {**event_data(row), "step": step + 1, "total": total_})
 
@@ -229,9 +231,9 @@ class Worker:
         status, result_file, error, metrics = "failed", None, None, None
         try:
             params = {**row["params"], "seed": row["seed"]}
-            video = self.pipe.generate(**params, callback=callback, progress=False)
-            if gen_id in self._cancel:  # cancelled while decoding: drop the video
-                raise _CancelRequested
+            video = self.pipe.generate(
+                **params, callback=callback, on_decode=stop_if_asked, progress=False
+            )
             result_file = f"{gen_id}.mp4"
             video.save(self.results_dir / result_file)
             status = "succeeded"
