@@ -61,7 +61,7 @@ def test_attention(benchmark, label):
     reason = available(name)
     if reason is not None:
         pytest.skip(f"{name}: {reason}")
-    fn = resolve(name)
+    fn = resolve(name) if name in ("sdpa", "math") else resolve(name, "cuda", torch.float16)
     if chunk is not None:
         fn = chunked(fn, chunk)
     q, k, v, ref = _attn_case()

@@ -17,13 +17,9 @@ def tiny_checkpoint():
     return ensure_random_checkpoint("tiny")
 
 
-# Tests that need a GPU carry ``@pytest.mark.cuda``; here they are skipped with one reason, and
-# ``scripts/gpu_check.py`` lists them (``pytest --collect-only -m cuda``) and runs them on a GPU.
+# Tests that need a GPU carry ``@pytest.mark.cuda`` (registered in pyproject.toml); here they are
+# skipped with one reason, and ``scripts/gpu_check.py`` lists and runs them on a GPU.
 CUDA_SKIP_REASON = "needs a CUDA device"
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", f"cuda: {CUDA_SKIP_REASON} (skipped without one)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -109,6 +109,22 @@ def test_packed_linear_matches_linear_and_fuses_gelu():
 
 
 @needs_onednn
+def test_packed_linear_in_bf16_matches_the_bf16_linear():
+    """bf16 weights packed for oneDNN (AMX / AVX512-BF16 kernels where the CPU has them): the
+    same bf16 GEMM as torch's, fused bias and GELU included (accumulation order may differ)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 160).bfloat16()
+    x = torch.randn(2, 7, 96).bfloat16()
+    ref = lin(x).float()
+    for gelu, want in ((False, ref), (True, nn.functional.gelu(ref, approximate="tanh"))):
+        got = PackedLinear(lin, gelu_tanh=gelu)(x)
+        assert got.dtype == torch.bfloat16 and PackedLinear(lin).packed.dtype == torch.bfloat16
+        err = (got.float() - want).abs().max().item()
+        print(f"packed bf16 (gelu={gelu}): max abs diff {err:.1e}")
+        assert err <= 0.05 * want.abs().max().item()
+
+
+@needs_onednn
 def test_pack_linears_swaps_in_place_and_fuses_the_gelu():
     import weakref
 
@@ -163,7 +179,7 @@ def test_linear_backend_is_resolved_once_with_clear_errors(monkeypatch):
     cpu, cuda, f32 = torch.device("cpu"), torch.device("cuda"), torch.float32
     assert resolve_linear("aten", cpu, f32, True) == "aten"
     assert resolve_linear("auto", cuda, torch.bfloat16, True) == "aten"
-    assert resolve_linear("auto", cpu, torch.bfloat16, True) == "aten"
+    assert resolve_linear("auto", cpu, torch.float16, True) == "aten"
     assert resolve_linear("auto", cpu, f32, False) == "aten"  # quantized, streamed or compiled
     with pytest.raises(ValueError, match="linear must be one of"):
         resolve_linear("mkl", cpu, f32, True)
@@ -174,5 +190,6 @@ def test_linear_backend_is_resolved_once_with_clear_errors(monkeypatch):
     monkeypatch.undo()
     if quant.onednn_available():
         assert resolve_linear("auto", cpu, f32, True) == "onednn"
-        with pytest.raises(ValueError, match="resident fp32 CPU weights"):
+        assert resolve_linear("auto", cpu, torch.bfloat16, True) == "onednn"
+        with pytest.raises(ValueError, match="resident CPU weights"):
             resolve_linear("onednn", cpu, f32, False)

@@ -266,6 +266,8 @@ def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
             t5_mod.from_diffusers_key,
             device=device,
             dtype=dtype,
+            # fp16: the FFN output projection is kept (and stored) in fp32, as transformers does
+            fp32=t5_mod.keep_in_fp32 if dtype == torch.float16 else (lambda n: False),
             aliases=t5_mod.TIED_ALIASES,
         ),
         "transformer": Component(

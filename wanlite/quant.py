@@ -185,15 +185,16 @@ def fused_linear(x, weight, scale, bias, sizes: list[int]) -> list[torch.Tensor]
     return list(qlinear(x, weight, scale, bias).split(sizes, dim=-1))
 
 
-# --- packed fp32 weights for oneDNN (CPU) ------------------------------------------------------
-# On CPU, the fp32 GEMMs of the DiT run faster from weights re-laid-out once into oneDNN's
-# blocked format (what inductor's CPU "freezing" does) than through MKL's sgemm, which re-packs
-# them on every call; the gain is largest at small token counts, where packing is a larger share
-# of each call (the benchmark output has the figures).  Packing is paid once, at load.  fp32
-# throughout: only the summation order differs from torch's GEMM.  The bias and, for the FFN's
-# first layer, the tanh-GELU run inside the same kernel as post-ops.  The packed weight is a
-# non-persistent buffer: invisible to state dicts, visible to ``module.buffers()`` (so memory
-# accounting sees it; it is an opaque mkldnn tensor: ``numel() * element_size()`` bytes).
+# --- packed fp32 / bf16 weights for oneDNN (CPU) ----------------------------------------------
+# On CPU, the GEMMs of the DiT run faster from weights re-laid-out once into oneDNN's blocked
+# format (what inductor's CPU "freezing" does) than through torch's GEMM, which re-packs them on
+# every call; the gain is largest at small token counts, where packing is a larger share of each
+# call (the benchmark output has the figures).  Packing is paid once, at load.  The dtype is the
+# weight's (fp32, or bf16 where AMX / AVX512-BF16 run it): only the summation order differs.
+# The bias and, for the FFN's first layer, the tanh-GELU run inside the same kernel as post-ops.
+# The packed weight is a non-persistent buffer: invisible to state dicts, visible to
+# ``module.buffers()`` (so memory accounting sees it; it is an opaque mkldnn tensor:
+# ``numel() * element_size()`` bytes).
 
 LINEAR_BACKENDS = ("auto", "aten", "onednn")
 
@@ -203,18 +204,19 @@ def onednn_available() -> bool:
 
 
 def resolve_linear(name: str, device: torch.device, dtype: torch.dtype, fits: bool) -> str:
-    """The linear backend for the DiT's resident fp32 blocks.  ``fits``: the blocks are resident
-    in full precision (no quantization, no streaming, no torch.compile), so packing applies."""
+    """The linear backend for the DiT's resident fp32 / bf16 blocks.  ``fits``: the blocks are
+    resident in full precision (no quantization, no streaming, no torch.compile): packing
+    applies."""
     if name not in LINEAR_BACKENDS:
         raise ValueError(f"linear must be one of {LINEAR_BACKENDS}, got {name!r}")
-    usable = device.type == "cpu" and dtype == torch.float32 and fits
+    usable = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and fits
     if name == "onednn":
         if not onednn_available():
             raise RuntimeError("linear='onednn' needs a torch build with oneDNN (mkldnn)")
         if not usable:
             raise ValueError(
-                "linear='onednn' packs resident fp32 CPU weights: it needs device cpu, dtype "
-                "float32, quant none, offload other than 'blocks' and compile off"
+                "linear='onednn' packs resident CPU weights: it needs device cpu, dtype "
+                "float32 or bfloat16, quant none, offload other than 'blocks' and compile off"
             )
         return name
     if name == "auto" and usable and onednn_available():
@@ -223,17 +225,17 @@ def resolve_linear(name: str, device: torch.device, dtype: torch.dtype, fits: bo
 
 
 class PackedLinear(nn.Module):
-    """A linear layer whose fp32 weight is held in oneDNN's packed layout (not a state-dict
+    """A linear layer whose fp32 or bf16 weight is held in oneDNN's packed layout (not a state-dict
     tensor any more: the module is built from a loaded ``nn.Linear`` for inference only).
     ``gelu_tanh``: apply tanh-GELU to the output in the same kernel."""
 
     def __init__(self, lin: nn.Linear, gelu_tanh: bool = False):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
-        w = lin.weight.detach().float()
+        w = lin.weight.detach()  # fp32 or bf16: the kernel computes in the weight's dtype
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 0)
         self.register_buffer("packed", packed, persistent=False)
-        bias = None if lin.bias is None else lin.bias.detach().float()
+        bias = None if lin.bias is None else lin.bias.detach().to(w.dtype)
         self.register_buffer("bias", bias, persistent=False)
         self.post = ("gelu", "tanh") if gelu_tanh else ("none", "")
 
