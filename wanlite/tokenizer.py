@@ -5,10 +5,20 @@
   the third-party ``regex`` module (Unicode White_Space); the character class below is exactly
   that set, so we need neither ``regex`` nor a guess about how ``re`` differs (it also matches
   U+001C..U+001F).
-- ``Tokenizer`` loads the checkpoint's own ``tokenizer.json`` (the source of truth) and
-  reproduces ``AutoTokenizer(...)(texts, padding="max_length", max_length=L, truncation=True,
-  add_special_tokens=True)``: the post-processor appends ``</s>``, truncation keeps room for it,
-  right padding with the pad id, mask 1 on real tokens (including ``</s>``).
+- ``Tokenizer`` loads the checkpoint's own ``tokenizer.json`` (vocabulary, scores, added
+  tokens) and reproduces ``AutoTokenizer(...)(texts, padding="max_length", max_length=L,
+  truncation=True, add_special_tokens=True)``: the post-processor appends ``</s>``, truncation
+  keeps room for it, right padding with the pad id, mask 1 on real tokens (including ``</s>``).
+  For a ``T5Tokenizer`` checkpoint, transformers 5 does *not* run the file's normalizer and
+  pre-tokenizer: it keeps only a ``Precompiled`` normalizer and installs WhitespaceSplit +
+  Metaspace.  We do the same (``_as_transformers_t5``).  It matters for the real umT5 file,
+  whose Metaspace alone turns the space before a literal special token ("a </s>") into a lone
+  ``▁`` (id 273) that transformers 5 never emits.  (transformers 4's ``T5TokenizerFast`` and the
+  original Wan code ran the file as is, so they did emit it: a version difference of the
+  reference, on prompts that contain special-token text only.)  One thing we keep from the
+  file on purpose: its ``unk_id``.  transformers 5 rebuilds the model with ``unk_id=2``, right
+  for T5 but ``<s>`` in umT5 (whose ``<unk>`` is 3), so it turns a character the vocabulary
+  lacks (a control character, a new emoji) into ``<s>``; we give ``<unk>``, as the file does.
 - ``write_random_tokenizer`` writes a small, deterministic T5-style Unigram tokenizer for random
   checkpoints.  Its pipeline is chosen to be *exactly* what transformers 5's ``T5Tokenizer``
   rebuilds from a tokenizer.json (it keeps only the vocab, ``unk_id=2`` without byte fallback, a
@@ -19,6 +29,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import re
@@ -31,6 +42,7 @@ import torch
 _WHITESPACE = re.compile(
     "[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+"
 )
+_SP = "\u2581"  # "▁", SentencePiece's word-boundary mark
 
 
 def clean_prompt(text: str) -> str:
@@ -46,6 +58,31 @@ def _token_name(value, default: str) -> str:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else default
+
+
+def _as_transformers_t5(backend) -> None:
+    """Give a Unigram backend the text pipeline transformers 5's ``T5Tokenizer`` builds around
+    the file's vocabulary: the file's ``Precompiled`` normalizer if it has one (else none), and
+    WhitespaceSplit + Metaspace("always", split).  Other model types are left as they are."""
+    from tokenizers import normalizers, pre_tokenizers
+    from tokenizers.models import Unigram
+
+    if not isinstance(backend.model, Unigram):
+        return
+    state = json.loads(backend.normalizer.__getstate__()) if backend.normalizer else {}
+    found = state.get("normalizers", [state]) if state.get("type") == "Sequence" else [state]
+    charsmap = next((n for n in found if n.get("type") == "Precompiled"), None)
+    if charsmap is not None and "precompiled_charsmap" in charsmap:
+        raw = base64.b64decode(charsmap["precompiled_charsmap"])
+        backend.normalizer = normalizers.Precompiled(raw)
+    else:
+        backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement=_SP, prepend_scheme="always", split=True),
+        ]
+    )
 
 
 class Tokenizer:
@@ -67,11 +104,13 @@ class Tokenizer:
         file = path / "tokenizer.json"
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found (a tokenizer.json is required)")
-        pad = "<pad>"
         config = path / "tokenizer_config.json"
-        if config.is_file():
-            pad = _token_name(json.loads(config.read_text()).get("pad_token"), pad)
-        return cls(Backend.from_file(str(file)), pad_token=pad)
+        config_data = json.loads(config.read_text()) if config.is_file() else {}
+        pad = _token_name(config_data.get("pad_token"), "<pad>")
+        backend = Backend.from_file(str(file))
+        if config_data.get("tokenizer_class", "T5Tokenizer").startswith("T5Tokenizer"):
+            _as_transformers_t5(backend)
+        return cls(backend, pad_token=pad)
 
     def __call__(
         self, texts: list[str] | str, max_length: int = 512
@@ -92,7 +131,6 @@ class Tokenizer:
 # ---- a deterministic random-checkpoint tokenizer ----------------------------------------------
 
 SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
-_SP = "\u2581"  # "▁", SentencePiece's word-boundary mark
 
 # Common English words and subwords (prompt-flavoured); the vocabulary takes a prefix of them.
 _WORD_TEXT = """
