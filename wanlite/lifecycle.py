@@ -35,7 +35,7 @@ from . import dit as dit_mod
 from . import t5 as t5_mod
 from . import vae as vae_mod
 from .attention import resolve_name
-from .loading import check_keys, weight_files
+from .loading import ModelSource, check_keys, weight_files
 from .memory import trim
 from .offload import BlockStreamer, RowEmbedding, cast
 from .quant import QLinear, pack_linears, quantize, quantize_weight, resolve_linear
@@ -80,15 +80,18 @@ class Component:
         fp32: Callable[[str], bool] = lambda n: False,
         aliases: dict[str, str] | None = None,
         prepare: Callable[[nn.Module, bool], None] | None = None,
+        store=None,
     ):
         self.name, self.build, self.device, self.dtype = name, build, device, dtype
         self.prepare = prepare  # prepare(module, blocks_streamed) after each materialization
         self.keep, self.fp32 = keep, fp32
-        self.store = TensorStore(weight_files(folder))
+        # ``store``: an open store (a single file, ``formats.MappedStore``) instead of the
+        # folder's safetensors; anything with the TensorStore interface.
+        self.store = store if store is not None else TensorStore(weight_files(folder))
         self.stored_quant = self.store.metadata.get(QUANT_META, "none")
         if self.stored_quant != "none" and quant not in ("none", self.stored_quant):
             raise ValueError(
-                f"{folder} is stored as {self.stored_quant}; it cannot be loaded as {quant}"
+                f"{folder or ''} is stored as {self.stored_quant}; it cannot be loaded as {quant}"
             )
         self.quant = self.stored_quant if self.stored_quant != "none" else quant
         skeleton = self._skeleton(self.stored_quant)
@@ -249,10 +252,12 @@ def assign(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         raise RuntimeError(f"internal: could not assign {left or result.unexpected_keys}")
 
 
-def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
-    """The three weight sets of the checkpoint at ``path``.  The DiT is quantized in RAM when
+def components(path, cfg, options, device, dtype) -> dict[str, Component]:
+    """The three weight sets of the checkpoint at ``path`` (a folder, or a
+    ``loading.ModelSource``: single files for some of them).  The DiT is quantized in RAM when
     asked for (it runs every step); the umT5 runs once per new prompt, so it is used as
     stored: quantizing its 5.7 B parameters in RAM costs more than it saves in one call."""
+    source = ModelSource.of(path)
     quant = options.quant
     attention = resolve_name(options.attention, device, dtype)  # "auto": decided (and logged) once
     fits = quant == "none" and not options.compile and options.offload != "blocks"
@@ -261,9 +266,10 @@ def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
     comps = {
         "text_encoder": Component(
             "text_encoder",
-            path / "text_encoder",
+            _folder(source, "text_encoder"),
             lambda: t5_mod.UMT5Encoder(cfg.t5),
-            t5_mod.from_diffusers_key,
+            _renamed(source, "text_encoder", t5_mod.from_diffusers_key),
+            store=source.store("text_encoder"),
             device=device,
             dtype=dtype,
             # fp16: the FFN output projection is kept (and stored) in fp32, as transformers does
@@ -272,9 +278,10 @@ def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
         ),
         "transformer": Component(
             "transformer",
-            path / "transformer",
+            _folder(source, "transformer"),
             lambda: dit_mod.WanDiT(cfg.dit, attn=attention),
-            dit_mod.from_diffusers_key,
+            _renamed(source, "transformer", dit_mod.from_diffusers_key),
+            store=source.store("transformer"),
             device=device,
             dtype=dtype,
             quant=quant,
@@ -284,9 +291,10 @@ def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
         ),
         "vae": Component(
             "vae",
-            path / "vae",
+            _folder(source, "vae"),
             lambda: vae_mod.WanVAE(cfg.vae),
-            lambda k: vae_mod.from_diffusers_key(k, cfg.vae),
+            _renamed(source, "vae", lambda k: vae_mod.from_diffusers_key(k, cfg.vae)),
+            store=source.store("vae"),
             device=device,
             dtype=torch.float32,  # the VAE always runs in fp32
         ),
@@ -303,6 +311,15 @@ def components(path: Path, cfg, options, device, dtype) -> dict[str, Component]:
             quant,
         )
     return comps
+
+
+def _folder(source: ModelSource, name: str) -> Path | None:
+    return None if name in source.files else source.folder / name
+
+
+def _renamed(source: ModelSource, name: str, from_key: Callable[[str], str]):
+    """A single file's store is keyed by our names already (``formats``): no rename."""
+    return (lambda k: k) if name in source.files else from_key
 
 
 def _prepare_dit(module: dit_mod.WanDiT, streamed: bool, options, linear: str) -> None:

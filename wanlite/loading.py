@@ -101,9 +101,10 @@ def check_keys(
     missing = sorted(set(expected) - set(sources))
     problems = [("unexpected keys", extra), ("missing keys", missing), ("mis-shaped", mismatched)]
     if any(keys for _, keys in problems):
-        folder = next(iter(store.entries.values())).path.parent
+        paths = {e.path for e in store.entries.values()}
+        where = paths.pop() if len(paths) == 1 else next(iter(paths), Path("(empty)")).parent
         raise ValueError(
-            f"checkpoint {folder} does not match the model: "
+            f"checkpoint {where} does not match the model: "
             + "; ".join(
                 f"{what}: {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
                 for what, keys in problems
@@ -111,3 +112,117 @@ def check_keys(
             )
         )
     return sources
+
+
+# --- where each part comes from: a diffusers folder, single files, or both ---------------------
+
+WEIGHTS = ("transformer", "text_encoder", "vae")
+
+
+class ModelSource:
+    """The model folder (diffusers layout; may be None) and single files that replace some of
+    its weight sets.  With a folder, its configs describe the single files (other sizes of
+    the architecture load too); without one, each file's size is recognised from its tensors
+    (``formats.recognise``: only the 1.3B), and every weight set and the tokenizer must be given.
+    Single files are opened once, here, and handed to the components as stores."""
+
+    def __init__(self, folder: Path | None, files=None, tokenizer: str | Path | None = None):
+        self.folder = Path(folder) if folder is not None else None
+        self.files = {k: Path(v).expanduser() for k, v in (files or {}).items() if v}
+        unknown = set(self.files) - set(WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown weight sets {sorted(unknown)}; expected {WEIGHTS}")
+        missing = [c for c in WEIGHTS if c not in self.files]
+        if self.folder is None and missing:
+            from .formats import FLAGS
+
+            raise ValueError(
+                f"no {', '.join(FLAGS[c] for c in missing)} given and no --model: pass those "
+                "files too, or --model (a diffusers folder, hub id or random:...) for the rest"
+            )
+        self.tokenizer = _tokenizer_dir(tokenizer, self.folder)
+        self._opened: dict[str, tuple] = {}
+        self._cfg = None
+
+    @classmethod
+    def of(cls, source) -> ModelSource:
+        """``source`` as it is if it is a ModelSource, else a model folder."""
+        return source if isinstance(source, ModelSource) else cls(Path(source))
+
+    def config(self):
+        """The ``ModelConfig``: the folder's, or recognised from the single files."""
+        if self._cfg is None:
+            from .configs import ModelConfig, read_model_config
+
+            if self.folder is not None:
+                self._cfg = read_model_config(self.folder)
+            else:
+                parts = {c: self._open(c, None)[1] for c in WEIGHTS}
+                dit, t5, vae = (parts[c] for c in WEIGHTS)
+                self._cfg = ModelConfig(dit=dit, t5=t5, vae=vae)  # scheduler: the 1.3B's
+        return self._cfg
+
+    def _open(self, component: str, cfg):
+        if component not in self._opened:
+            from .formats import open_component
+
+            self._opened[component] = open_component(component, self.files[component], cfg)
+            store = self._opened[component][0]
+            log.info("%s: %s (%d tensors)", component, self.files[component], len(store.entries))
+        return self._opened[component]
+
+    def text_encoder_identity(self) -> Path:
+        """A folder whose ``text_encoder/`` identifies the text encoder's weights, for the
+        embedding cache's key: the model folder, or for a single file a stub folder in the
+        cache named after the file's path, size and modification time."""
+        if "text_encoder" not in self.files:
+            return self.folder
+        import hashlib
+
+        from .paths import cache_dir
+
+        path = self.files["text_encoder"].resolve()
+        st = path.stat()
+        ident = f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()
+        stub = cache_dir() / "single-files" / hashlib.sha256(ident).hexdigest()[:32]
+        (stub / "text_encoder").mkdir(parents=True, exist_ok=True)
+        return stub
+
+    def store(self, component: str):
+        """The single file's store (keyed by our names), or None: from the folder."""
+        if component not in self.files:
+            return None
+        cfg = self.config()
+        part = {"transformer": cfg.dit, "text_encoder": cfg.t5, "vae": cfg.vae}[component]
+        return self._open(component, part)[0]
+
+
+def _tokenizer_dir(tokenizer, folder: Path | None) -> Path:
+    """The folder holding tokenizer.json: ``tokenizer`` (that folder or the file itself), else
+    the model folder's ``tokenizer/``."""
+    if tokenizer is None and folder is None:
+        raise ValueError(
+            "no tokenizer: pass --tokenizer (a folder with the umT5 tokenizer.json, e.g. "
+            "google/umt5-xxl's) or --model (a diffusers folder or hub id, which has one)"
+        )
+    path = Path(tokenizer).expanduser() if tokenizer is not None else folder / "tokenizer"
+    if path.is_file() and path.name == "tokenizer.json":
+        path = path.parent
+    if not (path / "tokenizer.json").is_file():
+        raise ValueError(f"--tokenizer {path}: no tokenizer.json there")
+    return path
+
+
+def resolve_source(
+    model: str | None = None, *, transformer=None, text_encoder=None, vae=None, tokenizer=None
+) -> ModelSource:
+    """``wanlite.load``'s arguments -> a ModelSource.  ``model`` defaults to the hub's 1.3B
+    only when no single file is given (no surprise download for the parts not given)."""
+    from .paths import DEFAULT_MODEL
+
+    files = {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
+    files = {k: v for k, v in files.items() if v is not None}
+    if model is None and not files:
+        model = DEFAULT_MODEL
+    folder = resolve_model(model) if model is not None else None
+    return ModelSource(folder, files, tokenizer)

@@ -20,6 +20,7 @@ Format (safetensors): 8-byte little-endian header size N, N bytes of JSON
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import mmap
 import os
@@ -169,3 +170,25 @@ class TensorStore:
 
 def _is_float(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+_LIBC = None
+
+
+def drop_pages(address: int, nbytes: int) -> None:
+    """Drop the whole pages of ``[address, address + nbytes)`` -- part of a *file* mapping that
+    was only read -- from this process (``MADV_DONTNEED``: they come back from the file if
+    touched again; the page cache keeps them).  For maps we do not own as ``mmap`` objects
+    (``torch.load(mmap=True)``, numpy memmaps).  A no-op where madvise is not available."""
+    global _LIBC
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    start = -(-address // page) * page
+    end = (address + nbytes) // page * page
+    if end <= start:
+        return
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _LIBC.madvise(start, end - start, mmap.MADV_DONTNEED)
