@@ -122,7 +122,8 @@ def pair_scales(base, path: Path) -> tuple[dict[str, str], set[str]]:
                 scales[k[: -len(suffix)] + ".weight"] = k
     unused = sorted(s for w, s in scales.items() if w not in entries)
     marked = _marked_scaled(entries, base.metadata)
-    unscaled = sorted(k for k, e in entries.items() if e.dtype in FP8 and k not in scales)
+    fp8 = (k for k, e in entries.items() if e.dtype in FP8 and k not in ignored)
+    unscaled = sorted(k for k in fp8 if k not in scales)
     if marked and not scales:
         raise ValueError(f"{path} is marked as fp8-scaled ({marked}) but has no scale tensors")
     if marked and unscaled:

@@ -1,0 +1,307 @@
+"""Single-file formats (wanlite.formats): every format written here from the tiny random
+checkpoint, loaded, and compared with the diffusers folder it came from."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from wanlite import dit, formats, t5, vae
+from wanlite.configs import TINY
+from wanlite.loading import weight_files
+from wanlite.tensorstore import TensorStore
+
+RUN = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=3, progress=False)
+OPTS = dict(device="cpu", dtype="float32", embed_cache=False)
+NOT_LINEAR = ("shared", "embed", "relative_attention_bias", "pos_embedding")
+
+
+def ours(folder, component):
+    """{our name: tensor as stored} of one weight set of the diffusers folder ``folder``."""
+    rename = {
+        "transformer": dit.from_diffusers_key,
+        "text_encoder": t5.from_diffusers_key,
+        "vae": lambda k: vae.from_diffusers_key(k, TINY.vae),
+    }[component]
+    store = TensorStore(weight_files(folder / component))
+    return {rename(k): store.get(k) for k in store.entries}
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_checkpoint):
+    return {c: ours(tiny_checkpoint, c) for c in ("transformer", "text_encoder", "vae")}
+
+
+def generate(model, prompt="a red fox", **files):
+    from wanlite import load
+
+    return load(model, **files, **OPTS).generate(prompt, **RUN)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    """Frames of the diffusers folder itself."""
+    return generate(str(tiny_checkpoint)).frames
+
+
+def write_st(path, tensors, prefix="", metadata=None):
+    save_file({prefix + k: v.contiguous() for k, v in tensors.items()}, str(path), metadata)
+    return path
+
+
+def hf_t5(tensors):
+    """Our umT5 names -> HF-T5 names (Comfy's umt5_xxl files)."""
+    return {t5.to_diffusers_key(k): v for k, v in tensors.items()}
+
+
+def fp8_scaled(tensors, style="scale_weight"):
+    """ComfyUI fp8-scaled: the block linears as float8_e4m3fn with a per-tensor scale
+    (``scale_weight`` + ``scaled_fp8`` marker, or ``weight_scale`` + ``comfy_quant``)."""
+    out = {}
+    for k, v in tensors.items():
+        layer = k.removesuffix(".weight")
+        if v.dim() != 2 or any(n in k for n in NOT_LINEAR):  # the block linears only
+            out[k] = v
+            continue
+        scale = v.float().abs().max() / 448.0
+        out[k] = (v.float() / scale).to(torch.float8_e4m3fn)
+        out[f"{layer}.{style}"] = scale.reshape(())
+        if style == "weight_scale":
+            note = json.dumps({"format": "float8_e4m3fn"}).encode()
+            out[f"{layer}.comfy_quant"] = torch.tensor(list(note), dtype=torch.uint8)
+    if style == "scale_weight":
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out
+
+
+# --- the original layouts: bit-identical frames ------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_original_dit_vae_t5_files_give_the_folders_frames(
+    tiny_checkpoint, parts, reference, tmp_path, prefix
+):
+    files = {
+        "transformer": write_st(tmp_path / "dit.safetensors", parts["transformer"], prefix),
+        "vae": tmp_path / "Wan2.1_VAE.pth",
+        "text_encoder": tmp_path / "models_t5_umt5-xxl-enc-bf16.pth",
+    }
+    torch.save(parts["vae"], files["vae"])
+    torch.save(parts["text_encoder"], files["text_encoder"])
+    assert np.array_equal(generate(str(tiny_checkpoint), **files).frames, reference)
+
+
+def test_comfy_layout_vae_safetensors_and_hf_t5_give_the_folders_frames(
+    tiny_checkpoint, parts, reference, tmp_path
+):
+    files = {
+        "vae": write_st(tmp_path / "wan_2.1_vae.safetensors", parts["vae"]),
+        "text_encoder": write_st(tmp_path / "umt5_xxl.safetensors", hf_t5(parts["text_encoder"])),
+    }
+    assert np.array_equal(generate(str(tiny_checkpoint), **files).frames, reference)
+
+
+def test_names_are_read_from_content_not_file_names(tiny_checkpoint, parts, reference, tmp_path):
+    """A .pth that is really safetensors, a VAE named like a DiT, no suffixes at all."""
+    files = {
+        "transformer": write_st(tmp_path / "weights.pth", parts["transformer"]),
+        "vae": tmp_path / "wan2.1_t2v_1.3B_bf16.safetensors",
+        "text_encoder": write_st(tmp_path / "te", hf_t5(parts["text_encoder"])),
+    }
+    torch.save(parts["vae"], files["vae"])
+    assert np.array_equal(generate(str(tiny_checkpoint), **files).frames, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_dit_files_deliver_their_values(parts, tmp_path, dtype):
+    d = {k: v.to(dtype) for k, v in parts["transformer"].items()}
+    store, _ = formats.open_component("transformer", write_st(tmp_path / "d", d), TINY.dit)
+    assert set(store.entries) == set(d)
+    for k, v in d.items():
+        assert store.entries[k].dtype == dtype and torch.equal(store.get(k), v)
+        assert torch.equal(store.get(k, torch.float32), v.float())
+
+
+def test_pth_store_reads_rows_views_and_refuses_pickled_code(parts, tmp_path):
+    from wanlite.pthstore import PthStore
+
+    path = tmp_path / "t5.pth"
+    torch.save({"state_dict": parts["text_encoder"]}, path)  # a wrapper dict is unwrapped
+    store = PthStore(path)
+    emb = parts["text_encoder"]["token_embedding.weight"]
+    assert torch.equal(store.get_rows("token_embedding.weight", [5, 0, 5]), emb[[5, 0, 5]])
+    assert torch.equal(store.view("token_embedding.weight"), emb)
+    store.unmap()  # the map is re-opened on the next read
+    assert torch.equal(
+        store.get("norm.weight", torch.float32), parts["text_encoder"]["norm.weight"].float()
+    )
+    torch.save({"w": torch.zeros(2), "code": print}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="evil.pth"):
+        PthStore(tmp_path / "evil.pth")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="legacy"):
+        formats.open_base(tmp_path / "old.pth")
+
+
+# --- umT5 fp8 scaled (ComfyUI) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["scale_weight", "weight_scale"])
+def test_fp8_scaled_t5_is_dequantized_with_its_scales(parts, tmp_path, style):
+    scaled = fp8_scaled(hf_t5(parts["text_encoder"]), style)
+    path = write_st(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors", scaled)
+    store, _ = formats.open_component("text_encoder", path, TINY.t5)
+    assert set(store.entries) == set(parts["text_encoder"])  # markers and scales consumed
+    for name in parts["text_encoder"]:
+        hf = t5.to_diffusers_key(name)
+        layer = hf.removesuffix(".weight")
+        if f"{layer}.{style}" in scaled:
+            want = scaled[hf].float() * scaled[f"{layer}.{style}"]
+            assert store.entries[name].dtype == torch.float32
+            assert torch.equal(store.get(name), want)
+            assert torch.equal(store.get(name, torch.bfloat16), want.bfloat16())
+        else:
+            assert torch.equal(store.get(name), parts["text_encoder"][name])
+
+
+def test_fp8_scaled_t5_frames_within_the_fp8_bar(tiny_checkpoint, parts, reference, tmp_path):
+    """fp8 e4m3 weights (3 mantissa bits) vs the bf16 ones, through the whole pipeline: the
+    frames differ (the weights did) but stay within 3 uint8 levels on average."""
+    path = write_st(tmp_path / "te8", fp8_scaled(hf_t5(parts["text_encoder"])))
+    frames = generate(str(tiny_checkpoint), text_encoder=path).frames
+    diff = np.abs(frames.astype(float) - reference.astype(float))
+    print(f"fp8-scaled umT5: frames mean abs diff {diff.mean():.2f}, max {diff.max():.0f}")
+    assert 0 < diff.mean() <= 3.0
+
+
+def test_fp8_scaled_without_its_scales_is_an_error_naming_the_file(parts, tmp_path):
+    scaled = fp8_scaled(hf_t5(parts["text_encoder"]))
+    one_missing = dict(scaled)
+    dropped = next(k for k in scaled if k.endswith(".scale_weight"))
+    del one_missing[dropped]
+    path = write_st(tmp_path / "one_missing.safetensors", one_missing)
+    with pytest.raises(ValueError, match="one_missing.safetensors.*no scale") as e:
+        formats.open_component("text_encoder", path, TINY.t5)
+    assert dropped.removesuffix(".scale_weight") in str(e.value)
+    none = {k: v for k, v in scaled.items() if not k.endswith(".scale_weight")}
+    with pytest.raises(ValueError, match="none.safetensors is marked as fp8-scaled"):
+        formats.open_component("text_encoder", write_st(tmp_path / "none.safetensors", none))
+    orphan = dict(parts["text_encoder"], **{"blocks.0.attn.zz.scale_weight": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="orphan.*scales with no weight.*attn.zz"):
+        formats.open_component("text_encoder", write_st(tmp_path / "orphan", orphan), TINY.t5)
+
+
+def test_unsupported_comfy_quant_format_is_an_error(parts, tmp_path):
+    scaled = fp8_scaled(hf_t5(parts["text_encoder"]), "weight_scale")
+    key = next(k for k in scaled if k.endswith(".comfy_quant"))
+    scaled[key] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="nvfp4"):
+        formats.open_component("text_encoder", write_st(tmp_path / "q", scaled), TINY.t5)
+
+
+# --- fp8 DiT (Kijai: plain float8_e4m3fn, no scales) -------------------------------------------
+
+
+def test_plain_fp8_dit_is_upcast_exactly(tiny_checkpoint, parts, reference, tmp_path):
+    fp8 = {
+        k: v.to(torch.float8_e4m3fn) if k.startswith("blocks.") and v.dim() == 2 else v
+        for k, v in parts["transformer"].items()
+    }
+    path = write_st(tmp_path / "Wan2_1-T2V-1_3B_fp8_e4m3fn.safetensors", fp8)
+    store, _ = formats.open_component("transformer", path, TINY.dit)
+    w = "blocks.0.self_attn.q.weight"
+    assert store.entries[w].dtype == torch.bfloat16  # delivered upcast (fp8 -> bf16 is exact)
+    assert torch.equal(store.get(w, torch.float32), fp8[w].float())
+    frames = generate(str(tiny_checkpoint), transformer=path).frames
+    diff = np.abs(frames.astype(float) - reference.astype(float))
+    print(f"plain fp8 DiT: frames mean abs diff {diff.mean():.2f}, max {diff.max():.0f}")
+    assert 0 < diff.mean() <= 3.0
+
+
+# --- what a file is, and the 1.3B only --------------------------------------------------------
+
+
+def test_a_file_given_as_the_wrong_part_names_the_right_flag(parts, tmp_path):
+    path = write_st(tmp_path / "vae.safetensors", parts["vae"])
+    with pytest.raises(ValueError, match="vae.safetensors is a Wan VAE.*pass it as --vae"):
+        formats.open_component("transformer", path)
+    junk = write_st(tmp_path / "junk.safetensors", {"foo.weight": torch.zeros(2)})
+    with pytest.raises(ValueError, match="junk.safetensors: not a Wan DiT.*foo.weight"):
+        formats.open_component("transformer", junk)
+    (tmp_path / "text.bin").write_text("hello")
+    with pytest.raises(ValueError, match="text.bin: not a safetensors, GGUF or zip .pth"):
+        formats.open_component("vae", tmp_path / "text.bin")
+
+
+def test_sizes_are_recognised_from_the_tensors(tmp_path):
+    """On the real shapes (from modules on meta: a 1.3B file is too big for a test)."""
+    from wanlite.configs import FULL, DiTConfig
+
+    with torch.device("meta"):
+        full = {
+            "transformer": dit.WanDiT(FULL.dit),
+            "text_encoder": t5.UMT5Encoder(FULL.t5),
+            "vae": vae.WanVAE(FULL.vae),
+            "14B": dit.WanDiT(DiTConfig(dim=5120, num_heads=40, num_layers=40, ffn_dim=13824)),
+        }
+    shapes = {c: {k: tuple(p.shape) for k, p in m.named_parameters()} for c, m in full.items()}
+    here = tmp_path / "f"
+    assert formats.RECOGNISERS["transformer"](shapes["transformer"], here) == FULL.dit
+    assert formats.RECOGNISERS["text_encoder"](shapes["text_encoder"], here) == FULL.t5
+    assert formats.RECOGNISERS["vae"](shapes["vae"], here) == FULL.vae
+    with pytest.raises(ValueError, match="f is a Wan 14B DiT .width 5120"):
+        formats.RECOGNISERS["transformer"](shapes["14B"], here)
+    fewer = {k: v for k, v in shapes["text_encoder"].items() if not k.startswith("blocks.23.")}
+    with pytest.raises(ValueError, match="found 256384 x 4096 embedding, 23 layers"):
+        formats.RECOGNISERS["text_encoder"](fewer, here)
+    wan22 = dict(shapes["vae"], **{"conv1.weight": (96, 96, 1, 1, 1)})
+    with pytest.raises(ValueError, match="found 48 latent channels"):
+        formats.RECOGNISERS["vae"](wan22, here)
+
+
+def test_i2v_and_tiny_files_without_a_model_are_refused(parts, tmp_path):
+    i2v = dict(parts["transformer"], **{"img_emb.proj.1.weight": torch.zeros(4, 4)})
+    with pytest.raises(ValueError, match="i2v.safetensors is an image-conditioned .I2V."):
+        formats.open_component("transformer", write_st(tmp_path / "i2v.safetensors", i2v))
+    path = write_st(tmp_path / "tiny_dit.safetensors", parts["transformer"])
+    with pytest.raises(ValueError, match="not the Wan2.1 T2V 1.3B DiT: found width 64"):
+        formats.open_component("transformer", path)  # no model config: sizes recognised
+
+
+def test_no_model_needs_every_part_and_a_tokenizer(tiny_checkpoint, parts, tmp_path):
+    from wanlite.loading import resolve_source
+
+    d = write_st(tmp_path / "d", parts["transformer"])
+    with pytest.raises(ValueError, match="no --text-encoder, --vae given and no --model"):
+        resolve_source(transformer=d, tokenizer=tiny_checkpoint / "tokenizer")
+    with pytest.raises(ValueError, match="no tokenizer: pass --tokenizer .* or --model"):
+        resolve_source(transformer=d, text_encoder=d, vae=d)
+    with pytest.raises(ValueError, match="no tokenizer.json there"):
+        resolve_source(transformer=d, text_encoder=d, vae=d, tokenizer=tmp_path)
+
+
+def test_single_files_alone_with_a_tokenizer(
+    tiny_checkpoint, parts, reference, tmp_path, monkeypatch
+):
+    """No model folder at all: sizes recognised from the tensors (the tiny sizes stand in for
+    the 1.3B's here), the scheduler's defaults, the tokenizer from --tokenizer."""
+    monkeypatch.setattr(formats, "FULL", TINY)
+    files = {
+        "transformer": write_st(tmp_path / "dit.safetensors", parts["transformer"]),
+        "text_encoder": write_st(tmp_path / "te.safetensors", parts["text_encoder"]),
+        "vae": write_st(tmp_path / "vae.safetensors", parts["vae"]),
+    }
+    tok = tiny_checkpoint / "tokenizer" / "tokenizer.json"  # the file itself is accepted too
+    assert np.array_equal(generate(None, tokenizer=tok, **files).frames, reference)
+
+
+def test_a_single_file_that_does_not_match_the_model_names_the_file(
+    tiny_checkpoint, parts, tmp_path
+):
+    d = dict(parts["transformer"])
+    d["blocks.0.ffn.0.weight"] = d["blocks.0.ffn.0.weight"][:5]
+    path = write_st(tmp_path / "bad_dit.safetensors", d)
+    with pytest.raises(ValueError, match="bad_dit.safetensors does not match.*blocks.0.ffn.0"):
+        generate(str(tiny_checkpoint), transformer=path)
