@@ -20,7 +20,13 @@ from .paths import DEFAULT_MODEL
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate a video from a text prompt")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="local folder, hub id, or random:tiny")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"local folder, hub id, or random:tiny (default {DEFAULT_MODEL} unless every "
+        "weight set is given as a single file)",
+    )
+    add_single_file_flags(p)
     p.add_argument("--out", default="video.mp4", help="output MP4 path (default video.mp4)")
     types = {"string": str, "integer": int, "number": float}
     for f in FIELDS:
@@ -57,6 +63,26 @@ def _presets(args) -> int:
     for name, settings, source in describe_presets():
         print(f"{name}: {settings}\n  source: {source}")
     return 0
+
+
+def add_single_file_flags(p, tokenizer: bool = True) -> None:
+    """--transformer / --text-encoder / --vae (/ --tokenizer): single files (``formats``)."""
+    what = {
+        "transformer": "the DiT: safetensors (original/diffusers names, bf16/fp16/fp32/fp8), GGUF",
+        "text-encoder": "the umT5: safetensors (HF-T5 or Wan names, fp8 scaled too), .pth, GGUF",
+        "vae": "the VAE: .pth or safetensors (original or diffusers names)",
+    }
+    for name, text in what.items():
+        p.add_argument(f"--{name}", default=None, help=f"single file for {text}")
+    if tokenizer:
+        p.add_argument(
+            "--tokenizer", default=None, help="folder with the umT5 tokenizer.json (or the file)"
+        )
+
+
+def single_files(args) -> dict:
+    keys = ("transformer", "text_encoder", "vae", "tokenizer")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
 def _add_quantize(sub) -> None:
@@ -125,7 +151,7 @@ def _generate(args) -> int:
         raise ValueError(f"--out must be an .mp4 path, got {str(out)!r}")
     if out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a directory")
-    pipe = load(args.model, preset=args.preset, **runtime_options(args))
+    pipe = load(args.model, preset=args.preset, **single_files(args), **runtime_options(args))
     video = pipe.generate(**params.to_dict(), progress=not args.quiet, save_to=out)
     print(f"seed: {video.seed}")
     size = f"{params.num_frames} frames, {params.width}x{params.height}, {video.fps} fps"

@@ -30,14 +30,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import planner, stepcache
-from .configs import ModelConfig, read_model_config
+from .configs import ModelConfig
 from .embed_cache import EmbeddingCache
 from .lifecycle import components
-from .loading import resolve_model
+from .loading import ModelSource, resolve_source
 from .memory import PeakMeter
 from .options import Options
 from .params import GenerationParams, validate
-from .paths import DEFAULT_MODEL
 from .presets import get_preset, request_defaults
 from .scheduler import Sampler, make_sampler
 from .tiling import iter_decode_tiled
@@ -90,21 +89,28 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
 class Pipeline:
     """A loaded model.  Make one with :func:`wanlite.load`."""
 
-    def __init__(self, path: Path, options: Options | None = None):
-        self.path = Path(path)
+    def __init__(self, path: Path | ModelSource, options: Options | None = None):
+        # A model folder, or a ModelSource (single files, with or without a folder).
+        self.source = ModelSource.of(path)
+        self.path = self.source.folder  # None when every weight set is a single file
         self.options = options or Options()
         self.device = self.options.resolve_device()
         self.dtype = self.options.resolve_dtype(self.device)
-        self.cfg = read_model_config(self.path)
-        self.tokenizer = Tokenizer.from_dir(self.path / "tokenizer")
+        self.cfg = self.source.config()
+        self.tokenizer = Tokenizer.from_dir(self.source.tokenizer)
         meter = PeakMeter(self.device)
         t0 = time.perf_counter()
         with meter.phase("load"):
             # Headers only: every key and shape is checked now, weights are read when needed.
-            self.components = components(self.path, self.cfg, self.options, self.device, self.dtype)
+            self.components = components(
+                self.source, self.cfg, self.options, self.device, self.dtype
+            )
             text_encoder = self.components["text_encoder"]
             self.embeddings = EmbeddingCache(
-                self.path, text_encoder.quant, self.dtype, disk=self.options.embed_cache
+                self.source.text_encoder_identity(),
+                text_encoder.quant,
+                self.dtype,
+                disk=self.options.embed_cache,
             )
             if self.options.offload == "none":
                 resident = planner.Placement("none", False, False, planner.Estimate(0, 0, 0))
@@ -426,6 +432,20 @@ class Branches:
         return {"dit_forwards": self.forwards, "dit_forwards_skipped": self.skipped}
 
 
-def load(model: str = DEFAULT_MODEL, **options) -> Pipeline:
-    """Load a checkpoint (local diffusers-layout folder, hub id, or ``random:tiny``)."""
-    return Pipeline(resolve_model(model), Options(**options))
+def load(
+    model: str | None = None,
+    *,
+    transformer: str | Path | None = None,
+    text_encoder: str | Path | None = None,
+    vae: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    **options,
+) -> Pipeline:
+    """Load a checkpoint: ``model`` a local diffusers-layout folder, hub id, or ``random:tiny``
+    (default: the hub's 1.3B when no single file is given), and/or single files
+    (``transformer``, ``text_encoder``, ``vae``: safetensors, GGUF or .pth in the formats of
+    ``wanlite.formats``) replacing those weight sets; ``tokenizer`` a folder with the umT5
+    tokenizer.json (needed when there is no ``model``)."""
+    files = dict(transformer=transformer, text_encoder=text_encoder, vae=vae)
+    source = resolve_source(model, **files, tokenizer=tokenizer)
+    return Pipeline(source, Options(**options))
