@@ -85,6 +85,24 @@ def single_files(args) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="write single files (and/or a model) as one diffusers folder, once"
+    )
+    p.add_argument("--model", default=None, help="folder, hub id or random:... for the rest")
+    add_single_file_flags(p)
+    p.add_argument("--out", required=True, type=Path, help="new checkpoint folder")
+    p.add_argument("--quant", default=None, help="int8 | fp8: a wanlite quantized checkpoint")
+
+
+def _convert(args) -> int:
+    from .convert import convert
+
+    out = convert(args.out, args.model, quant=args.quant, **single_files(args))
+    print(f"wrote {'a ' + args.quant if args.quant else 'a diffusers'} checkpoint: {out}")
+    return 0
+
+
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="write a quantized copy of a checkpoint")
     p.add_argument("--model", default=DEFAULT_MODEL, help="local folder, hub id, or random:tiny")
@@ -175,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_quantize(sub)
+    _add_convert(sub)
     _add_bench(sub)
     server.add_parser(sub)
     sub.add_parser("schema", help="print the JSON Schema of the generation parameters")
@@ -191,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {
             "generate": _generate,
             "quantize": _quantize,
+            "convert": _convert,
             "bench": _bench,
             "presets": _presets,
         }
