@@ -44,6 +44,9 @@ class Options:
         (flow Euler on sigma = t / 1000, as accelerator LoRAs use).  See ``wanlite.scheduler``.
     preset: a named recipe (``wanlite.presets``, e.g. "causvid"): its sampler, and defaults for
         ``num_inference_steps`` and ``guidance_scale`` that explicit request values override.
+    decoder / tae: "vae" (the full VAE) or "taew2_1" (the tiny VAE, ``wanlite.taehv``: much
+        faster, lower quality); ``tae`` the path of its ``taew2_1.pth`` / ``.safetensors``,
+        needed for "taew2_1" and, if given, also used for live previews.
     """
 
     device: str = "auto"
@@ -65,6 +68,8 @@ class Options:
     shift: float | None = None
     timesteps: tuple[float, ...] | None = None
     preset: str | None = None
+    decoder: str = "vae"  # "vae" | "taew2_1"
+    tae: str | None = None  # path of taew2_1.pth / .safetensors
 
     def __post_init__(self):
         object.__setattr__(self, "lora", tuple(parse_lora(x) for x in self.lora or ()))
@@ -82,6 +87,7 @@ class Options:
             ("compile", (False, True)),
             ("linear", ("auto", "aten", "onednn")),
             ("sampler", ("unipc", "euler")),
+            ("decoder", ("vae", "taew2_1")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -97,6 +103,10 @@ class Options:
             raise ValueError(f"shift must be a number > 0, got {s!r}")
         if self.preset is not None and not isinstance(self.preset, str):
             raise ValueError(f"preset must be a preset name, got {self.preset!r}")
+        if self.decoder == "taew2_1" and not self.tae:
+            raise ValueError("decoder 'taew2_1' needs tae: the path of taew2_1.pth/.safetensors")
+        if self.tae is not None:
+            object.__setattr__(self, "tae", str(self.tae))
 
     def resolve_device(self):
         import torch
@@ -242,6 +252,8 @@ FLAGS: tuple[tuple[str, type, str], ...] = (
     ("sampler", str, "unipc | euler"),
     ("shift", float, "flow shift (default: the checkpoint's scheduler config)"),
     ("timesteps", str, "a fixed timestep list for flow Euler, e.g. 1000,934,862,756"),
+    ("decoder", str, "vae | taew2_1 (the tiny VAE: fast, lower quality; needs --tae)"),
+    ("tae", str, "path of taew2_1.pth/.safetensors (the tiny VAE; also used for previews)"),
 )
 
 

@@ -230,3 +230,22 @@ def write_random_lora(path: Path, cfg, rank: int = 32, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
     return path
+
+
+def write_random_taehv(path: str | Path, seed: int = 0) -> Path:
+    """A random ``taew2_1`` tiny VAE file: every key of the real one (encoder and decoder) with
+    its real shape, fp16 as shipped; ``.safetensors``, or a torch pickle for ``.pth``."""
+    from .taehv import file_shapes
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: random_tensor("taehv", k, shape, seed) for k, shape in file_shapes().items()}
+    tensors["decoder.22.bias"] += 0.5  # mid-grey output: most pixels inside (0, 1), not clamped
+    tensors = {k: v.half() for k, v in tensors.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path))
+    else:
+        torch.save(tensors, str(path))
+    return path
