@@ -38,7 +38,9 @@ from .memory import PeakMeter
 from .options import Options
 from .params import GenerationParams, validate
 from .presets import get_preset, request_defaults
-from .scheduler import Sampler, make_sampler
+from .preview import Crop, PreviewCallback, Previewer
+from .scheduler import Sampler, make_sampler, to_x0
+from .taehv import load_tiny_decoder
 from .tiling import iter_decode_tiled
 from .tokenizer import Tokenizer, clean_prompt
 from .video import Video, write_mp4
@@ -120,6 +122,8 @@ class Pipeline:
         self.load_peak = meter.peaks["load"]
         self.placement: planner.Placement | None = None  # the last call's
         self.stats: dict = {}
+        # The tiny VAE (decoder="taew2_1", and previews when given): 40 MB in fp32, resident.
+        self.tae = self._load_tae()
         self.preset = get_preset(self.options.preset) if self.options.preset else None
         if self.preset is not None and (self.options.sampler != "unipc" or self.options.timesteps):
             raise ValueError(
@@ -208,8 +212,10 @@ class Pipeline:
         sampler: Sampler,
         guidance_scale: float,
         place: planner.Placement,
+        preview: Previewer | None = None,
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """The denoising loop as a generator: yields (step index, fp32 latents) after each step.
+        """The denoising loop as a generator: yields (step index, fp32 latents) after each step;
+        on the steps it is due, ``preview`` gets that step's x0 prediction first.
 
         ``contexts`` is [1 or 2, 512, text_dim] (cond[, uncond]) in the DiT dtype, zero-padded
         after ``lengths`` tokens.  Runs the CFG branches as placed (batched or not), gates the
@@ -239,13 +245,20 @@ class Pipeline:
                 cond = branches.run("cond", x, temb, last)
                 uncond = branches.run("uncond", x, temb, last)
                 pred = uncond + guidance_scale * (cond - uncond)
+            if preview is not None and preview.due(i):  # x0 = x - sigma * v, [1, 16, T', h, w]
+                preview(i, to_x0(latents, pred.float(), sampler.sigmas[i].item()))
             latents, state = sampler.step(state, pred.float(), latents)
             yield i, latents
         self.stats |= branches.counts()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, place: planner.Placement) -> Iterator[torch.Tensor]:
-        """Yield decoded chunks [1, 3, t, H, W] in [-1, 1] (un-normalizes the latents first)."""
+        """Yield decoded chunks [1, 3, t, H, W] in [-1, 1] (un-normalizes the latents first;
+        the tiny VAE takes them as they are and gives [0, 1])."""
+        if self.options.decoder == "taew2_1":
+            for chunk in self.tae.iter_decode(latents.to(self.device)):
+                yield chunk.mul_(2).sub_(1)
+            return
         vcfg = self.cfg.vae
         mean = torch.tensor(vcfg.latents_mean).view(1, -1, 1, 1, 1)
         inv_std = 1.0 / torch.tensor(vcfg.latents_std).view(1, -1, 1, 1, 1)
@@ -274,6 +287,8 @@ class Pipeline:
         progress: bool = True,
         output_type: str = "frames",
         save_to: str | Path | None = None,
+        preview_every: int = 0,
+        on_preview: PreviewCallback | None = None,
     ) -> Video:
         """Generate a video.  Parameters and ranges are the hosted API's (``wanlite.params``);
         ``num_inference_steps`` and ``guidance_scale`` default to 30 and 5.0, or to the preset's.
@@ -284,13 +299,17 @@ class Pipeline:
         1 or 4 video frames); raising from it stops the decode there.
         ``output_type="latent"`` skips decoding and returns the final latents in ``.latents``.
         ``save_to="out.mp4"`` streams the decoded frames to an MP4 as they are decoded
-        (``video.frames`` is then empty and ``video.path`` names the file)."""
+        (``video.frames`` is then empty and ``video.path`` names the file).
+        ``on_preview(step, total, frames)`` with ``preview_every=k`` gets, every k steps, the
+        step's x0 prediction as uint8 frames [T, height, width, 3] (``wanlite.preview``: the
+        tiny VAE's frames if one is loaded, else one frame per latent frame)."""
         request = dict(prompt=prompt, height=height, width=width, negative_prompt=negative_prompt)
         request |= dict(num_inference_steps=num_inference_steps, num_frames=num_frames)
         p, seed, sampler = self.request(**request, guidance_scale=guidance_scale, seed=seed)
         if output_type not in ("frames", "latent"):
             raise ValueError(f"output_type must be 'frames' or 'latent', got {output_type!r}")
         size = Plan.for_request(p, self.cfg)
+        previewer = self._previewer(p, size, preview_every, on_preview)
         place = self.placement = self.place(size)
         run = _Run(self)
         try:
@@ -299,7 +318,7 @@ class Pipeline:
             with run.phase("denoise"):
                 latents = initial_noise(size.latent_shape, seed)
                 latents = self._denoise_phase(
-                    p, latents, contexts, lengths, place, sampler, callback, progress
+                    p, latents, contexts, lengths, place, sampler, callback, progress, previewer
                 )
             empty = np.zeros((0, p.height, p.width, 3), np.uint8)
             video = Video(empty, seed, params=p.to_dict(), latents=latents)
@@ -338,16 +357,34 @@ class Pipeline:
         )
         return p, seed, sampler
 
-    def _denoise_phase(self, p, latents, contexts, lengths, place, sampler, callback, progress):
+    def _denoise_phase(
+        self, p, latents, contexts, lengths, place, sampler, callback, progress, preview=None
+    ):
         n = p.num_inference_steps
-        steps = self.denoise(latents, contexts, lengths, sampler, p.guidance_scale, place)
+        g = p.guidance_scale
+        steps = self.denoise(latents, contexts, lengths, sampler, g, place, preview)
         with tqdm(total=n, desc="denoise", disable=not progress) as bar:
             for i, latents in steps:
                 bar.update(1)
                 if callback is not None:
                     callback(i, n, latents)
+        if preview is not None:
+            self.stats["preview_seconds"] = list(preview.seconds)
         self._settle(place)
         return latents
+
+    def _previewer(self, p, size: Plan, every: int, callback) -> Previewer | None:
+        """The step previews of a call (None without ``on_preview``), checked before any work."""
+        if callback is None:
+            return None
+        crop = Crop((size.height, size.width), (p.height, p.width), p.num_frames)
+        return Previewer(every, p.num_inference_steps, callback, crop, self.tae)
+
+    def _load_tae(self):
+        if not self.options.tae:
+            return None
+        dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        return load_tiny_decoder(self.options.tae, self.device, dtype)
 
     def _decode_phase(self, video, latents, size, p, place, save_to, on_decode) -> None:
         chunks = self._iter_frames(latents, size, p, place, on_decode)
