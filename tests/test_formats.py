@@ -305,3 +305,89 @@ def test_a_single_file_that_does_not_match_the_model_names_the_file(
     path = write_st(tmp_path / "bad_dit.safetensors", d)
     with pytest.raises(ValueError, match="bad_dit.safetensors does not match.*blocks.0.ffn.0"):
         generate(str(tiny_checkpoint), transformer=path)
+
+
+# --- GGUF ---------------------------------------------------------------------------------------
+
+
+def gguf_file(path, tensors, qtype, arch="wan"):
+    pytest.importorskip("gguf")
+    from wanlite.gguf_reader import write_gguf
+
+    return write_gguf(path, tensors, qtype, arch)
+
+
+def llama_t5(tensors):
+    """Our umT5 names -> llama.cpp's T5 names (city96's umT5 GGUF)."""
+    out = {}
+    for k, v in hf_t5(tensors).items():
+        for a, b in reversed(formats._LLAMA_T5):
+            k = k.replace(b, a)
+        out[k] = v
+    return out
+
+
+def test_gguf_bf16_dit_equals_the_bf16_safetensors(tiny_checkpoint, parts, tmp_path):
+    bf16 = {k: v.bfloat16() for k, v in parts["transformer"].items()}
+    g = gguf_file(tmp_path / "wan-1.3b-bf16.gguf", bf16, "BF16")
+    s = write_st(tmp_path / "bf16.safetensors", bf16)
+    gs, _ = formats.open_component("transformer", g, TINY.dit)
+    ss, _ = formats.open_component("transformer", s, TINY.dit)
+    assert gs.entries["patch_embedding.weight"].shape == (64, 16, 1, 2, 2)  # 5-D, from metadata
+    assert gs.base.metadata["general.architecture"] == "wan"
+    for k in bf16:  # the small 1-D tensors are F32 in the GGUF: bf16 values, equal in fp32
+        assert torch.equal(gs.get(k, torch.float32), ss.get(k, torch.float32)), k
+    a = generate(str(tiny_checkpoint), transformer=g).frames
+    assert np.array_equal(a, generate(str(tiny_checkpoint), transformer=s).frames)
+
+
+def test_gguf_q8_0_dit_and_t5(tiny_checkpoint, parts, reference, tmp_path):
+    import gguf
+
+    g = gguf_file(tmp_path / "dit-q8_0.gguf", parts["transformer"], "Q8_0")
+    store, _ = formats.open_component("transformer", g, TINY.dit)
+    raw = {t.name: t for t in store.base.reader.tensors}["blocks.0.ffn.0.weight"]
+    assert raw.tensor_type == gguf.GGMLQuantizationType.Q8_0  # really quantized
+    want = torch.from_numpy(gguf.quants.dequantize(raw.data, raw.tensor_type))
+    assert torch.equal(store.get("blocks.0.ffn.0.weight"), want)  # torch decode == gguf's
+    te = gguf_file(tmp_path / "umt5-q8_0.gguf", llama_t5(parts["text_encoder"]), "Q8_0", "t5")
+    tstore, _ = formats.open_component("text_encoder", te, TINY.t5)
+    emb = tstore.get("token_embedding.weight")
+    assert torch.equal(tstore.get_rows("token_embedding.weight", [7, 2, 7]), emb[[7, 2, 7]])
+    frames = generate(str(tiny_checkpoint), transformer=g, text_encoder=te).frames
+    diff = np.abs(frames.astype(float) - reference.astype(float))
+    print(f"Q8_0 DiT + umT5: frames mean abs diff {diff.mean():.2f}, max {diff.max():.0f}")
+    assert 0 < diff.mean() <= 2.0
+
+
+@pytest.mark.parametrize("qtype,bar", [("Q4_0", 0.2), ("Q8_0", 0.01)])
+def test_gguf_block_types_round_trip_within_their_precision(tmp_path, qtype, bar):
+    from wanlite.gguf_reader import GGUFStore
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(8, 512, generator=g), torch.randn(8, generator=g)
+    path = gguf_file(tmp_path / f"{qtype}.gguf", {"w": w, "b": b}, qtype)
+    store = GGUFStore(path)
+    assert store.entries["w"].dtype == torch.float32 and store.entries["w"].shape == (8, 512)
+    err = (store.get("w") - w).abs().max().item() / w.abs().max().item()
+    assert 0 < err <= bar
+    assert torch.equal(store.get("b"), b)  # small 1-D tensors are written (and read) F32
+
+
+def test_gguf_k_quant_rows_and_shapes(tmp_path):
+    """Q4_K (no quantizer in the gguf package: random blocks with sane scales): the store's
+    shape, row reads and values are gguf's own dequantization of the right bytes."""
+    gguf = pytest.importorskip("gguf")
+    from wanlite.gguf_reader import GGUFStore
+
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, size=(6 * 2, 144), dtype=np.uint8)  # 6 rows x 512 values
+    blocks[:, 0:4] = np.frombuffer(np.array([0.01, 0.005], np.float16).tobytes(), np.uint8)
+    data = blocks.reshape(6, 2 * 144)
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "wan")
+    w.add_tensor("w", data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    store = GGUFStore(tmp_path / "k.gguf")
+    want = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q4_K))
+    assert store.entries["w"].shape == (6, 512) and torch.equal(store.get("w"), want)
+    assert torch.equal(store.get_rows("w", [4, 1]), want[[4, 1]])
