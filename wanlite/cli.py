@@ -44,6 +44,15 @@ def _add_generate(sub) -> None:
     add_runtime_options(p)
     _add_preset(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    p.add_argument(
+        "--preview",
+        default=None,
+        metavar="PATH.png",
+        help="keep a PNG contact sheet of the latest preview (the current prediction) here",
+    )
+    p.add_argument(
+        "--preview-every", type=int, default=5, metavar="N", help="steps between previews (5)"
+    )
 
 
 PRESET_FIELDS = ("num_inference_steps", "guidance_scale")  # defaults a preset may change
@@ -101,6 +110,26 @@ def _convert(args) -> int:
     out = convert(args.out, args.model, quant=args.quant, **single_files(args))
     print(f"wrote {'a ' + args.quant if args.quant else 'a diffusers'} checkpoint: {out}")
     return 0
+
+
+def _previews(args) -> dict:
+    """``generate``'s preview arguments for ``--preview PATH.png`` (checked before loading)."""
+    if args.preview is None:
+        return {}
+    from .preview import contact_sheet, write_png
+
+    path = Path(args.preview)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--preview must be a .png path, got {str(path)!r}")
+    if path.is_dir() or not path.parent.is_dir():
+        raise ValueError(f"--preview {str(path)!r} is a directory or its folder does not exist")
+    if args.preview_every < 1:
+        raise ValueError(f"--preview-every must be at least 1, got {args.preview_every}")
+
+    def on_preview(step: int, total: int, frames) -> None:
+        write_png(path, contact_sheet(frames))  # atomic: a viewer never sees half a file
+
+    return dict(preview_every=args.preview_every, on_preview=on_preview)
 
 
 def _add_quantize(sub) -> None:
@@ -169,8 +198,9 @@ def _generate(args) -> int:
         raise ValueError(f"--out must be an .mp4 path, got {str(out)!r}")
     if out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a directory")
+    previews = _previews(args)
     pipe = load(args.model, preset=args.preset, **single_files(args), **runtime_options(args))
-    video = pipe.generate(**params.to_dict(), progress=not args.quiet, save_to=out)
+    video = pipe.generate(**params.to_dict(), progress=not args.quiet, save_to=out, **previews)
     print(f"seed: {video.seed}")
     size = f"{params.num_frames} frames, {params.width}x{params.height}, {video.fps} fps"
     print(f"saved: {out} ({size})")
@@ -178,6 +208,10 @@ def _generate(args) -> int:
     for phase, seconds in video.timings.items():
         print(f"{phase}: {seconds:.1f} s, peak {fmt_bytes(video.peak_memory[phase])}")
     print(f"of which reading weights: {video.weights_seconds:.1f} s")
+    shown = video.stats.get("preview_seconds")
+    if shown:
+        each = sum(shown) / len(shown)
+        print(f"previews: {len(shown)} to {args.preview}, {each:.2f} s each")
     st = video.stats
     if "dit_forwards" in st:
         cfg = "batched" if st["cfg_batched"] else "sequential"

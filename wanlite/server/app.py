@@ -74,7 +74,7 @@ def _lifespan(c: ServerContext, loader):
         c.hub = EventHub()
         c.hub.bind(asyncio.get_running_loop())
         limit_accept_errors(asyncio.get_running_loop())
-        c.worker = Worker(c.store, c.results_dir, loader, c.hub)
+        c.worker = Worker(c.store, c.results_dir, loader, c.hub, previews=c.config.previews)
         c.worker.start()
         log.info("server started", extra={"fields": {"model": c.config.model_id}})
         try:

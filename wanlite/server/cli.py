@@ -133,6 +133,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--threads", type=int, default=0, help="CPU threads for the model (default: torch's)"
     )
     p.add_argument("--log-level", default="info", help="debug | info | warning | error")
+    p.add_argument(
+        "--previews",
+        type=int,
+        nargs="?",
+        const=5,
+        default=0,
+        metavar="EVERY",
+        help="progress events carry a small JPEG data URL of the current prediction every "
+        "EVERY steps (--previews alone: 5; default off)",
+    )
     return p
 
 
@@ -140,6 +150,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
     """The error of a bad flag, found now in one line rather than later as a failed /ready."""
     if args.max_queue < 1:
         return "--max-queue must be at least 1"
+    if args.previews < 0:
+        return "--previews must be 0 (off) or a number of steps"
     if args.limit_concurrency < 1 or args.request_timeout <= 0 or args.result_ttl <= 0:
         return "--limit-concurrency, --request-timeout and --result-ttl must be positive"
     try:
@@ -165,6 +177,7 @@ def _config(args: argparse.Namespace):
         allowed_hosts=allowed_hosts(args.host, args.port, args.public_url),
         allowed_origins=tuple(args.allow_origin),
         result_ttl=args.result_ttl,
+        previews=args.previews,
     )
 
 

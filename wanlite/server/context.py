@@ -44,6 +44,7 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] | None = None  # Host values served (host:port); None = any
     allowed_origins: tuple[str, ...] = ()  # cross-site origins allowed, with CORS headers
     result_ttl: float = 6 * 3600.0  # seconds a signed result link stays valid
+    previews: int = 0  # progress events carry a preview image every N steps; 0 = never
 
 
 @dataclass

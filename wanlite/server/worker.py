@@ -135,11 +135,13 @@ class Worker:
         results_dir: Path,
         loader: Callable[[], Any],
         hub: EventHub,
+        previews: int = 0,
     ):
         self.store = store
         self.results_dir = Path(results_dir)
         self.loader = loader
         self.hub = hub
+        self.previews = previews  # a preview in the progress event every N steps; 0 = none
         self.state = "loading"  # loading | ready | failed
         self.load_error: str | None = None
         self.load_seconds: float | None = None
@@ -222,17 +224,29 @@ class Worker:
             if gen_id in self._cancel:
                 raise _CancelRequested
 
+        previews: dict[str, str] = {}  # the step's new preview, made just before its callback
+
+        def on_preview(step: int, total_: int, frames) -> None:
+            from ..preview import data_url
+
+            previews["url"] = data_url(frames)  # the middle frame, <= 256 px, JPEG
+
         def callback(step: int, total_: int, latents) -> None:
             stop_if_asked()
             self.store.progress(gen_id, step + 1)
-            self.hub.publish(PROGRESS, {**event_data(row), "step": step + 1, "total": total_})
+            event = {**event_data(row), "step": step + 1, "total": total_}
+            if "url" in previews:
+                event["preview"] = previews.pop("url")
+            self.hub.publish(PROGRESS, event)
+
+        shown = dict(preview_every=self.previews, on_preview=on_preview) if self.previews else {}
 
         t0 = time.perf_counter()
         status, result_file, error, metrics = "failed", None, None, None
         try:
             params = {**row["params"], "seed": row["seed"]}
             video = self.pipe.generate(
-                **params, callback=callback, on_decode=stop_if_asked, progress=False
+                **params, callback=callback, on_decode=stop_if_asked, progress=False, **shown
             )
             result_file = f"{gen_id}.mp4"
             video.save(self.results_dir / result_file)
