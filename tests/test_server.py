@@ -153,7 +153,11 @@ class Server:
         pytest.fail(f"{gen_id} still {d['status']} after {timeout} s:\n{self.log_tail()}")
 
     def all_generations(self) -> list[dict]:
-        return self.req("GET", "/api/ai/queue?status=all").json()["generations"]
+        """Every generation, result links without their query (a fresh signature each time)."""
+        gens = self.req("GET", "/api/ai/queue?status=all").json()["generations"]
+        for g in gens:
+            g["result_url"] = g["result_url"] and g["result_url"].split("?")[0]
+        return gens
 
 
 def download_video(url: str, tmp_path: Path) -> object:

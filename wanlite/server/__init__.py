@@ -6,7 +6,8 @@ queue, results, sync generate, events), ``jobs.py`` (request body -> queued rows
 ``guard.py`` (auth, body bound, access log), ``errors.py`` (the error shape), ``signing.py``
 (signed result links), ``store.py`` (the SQLite job store: queue, statuses, crash recovery),
 ``worker.py`` (the one thread that owns the model, and the event broadcast for SSE),
-``cli.py`` (arguments, JSON logs, uvicorn).
+``routes_openai.py`` + ``openai_video.py`` + ``thumbnail.py`` (OpenAI's ``/v1/videos``),
+``retention.py`` (deleting old finished jobs), ``cli.py`` (arguments, JSON logs, uvicorn).
 
 Wiring into the ``wanlite`` command line::
 

@@ -7,6 +7,8 @@ Design
   (async), ``GET /api/events`` (SSE), ``GET /api/ai/models[/{id}]``.  Extras: cancelling
   (``DELETE /api/ai/queue/{id}`` or ``POST /api/ai/queue/{id}/cancel``), result files
   (``GET /api/ai/results/{id}.mp4``), ``GET /health`` and ``GET /ready``.
+* OpenAI's video API (``/v1/videos``, :mod:`~wanlite.server.routes_openai`) on the same jobs.
+* Retention (:mod:`~wanlite.server.retention`) is an asyncio task of the lifespan.
 * One route family per module (``routes_*.py``), each an ``APIRouter`` of module-level
   handlers; what they share (config, store, worker, event hub, signer) is one
   :class:`~wanlite.server.context.ServerContext` on ``app.state.ctx``, filled in by the
@@ -26,7 +28,15 @@ from pathlib import Path
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from . import routes_events, routes_generate, routes_models, routes_queue, routes_results
+from . import (
+    retention,
+    routes_events,
+    routes_generate,
+    routes_models,
+    routes_openai,
+    routes_queue,
+    routes_results,
+)
 from .context import ServerConfig, ServerContext
 from .errors import AsciiJSONResponse, install_error_handlers
 from .guard import Guard
@@ -39,7 +49,14 @@ from .worker import EventHub, Worker
 __all__ = ["ServerConfig", "create_app"]
 
 log = logging.getLogger("wanlite.server")
-ROUTERS = (routes_models, routes_queue, routes_results, routes_generate, routes_events)
+ROUTERS = (
+    routes_models,
+    routes_queue,
+    routes_results,
+    routes_generate,
+    routes_events,
+    routes_openai,
+)
 
 
 def default_loader(config: ServerConfig):
@@ -76,10 +93,12 @@ def _lifespan(c: ServerContext, loader):
         limit_accept_errors(asyncio.get_running_loop())
         c.worker = Worker(c.store, c.results_dir, loader, c.hub, previews=c.config.previews)
         c.worker.start()
+        purger = asyncio.create_task(retention.run(c.store, c.results_dir, c.config.retention))
         log.info("server started", extra={"fields": {"model": c.config.model_id}})
         try:
             yield
         finally:
+            purger.cancel()
             if await run_in_threadpool(c.worker.stop):
                 c.store.close()
 

@@ -87,6 +87,13 @@ def _add_guard_options(p: argparse.ArgumentParser) -> None:
         default=6 * 3600.0,
         help="seconds a signed result link stays valid, with an API key (default 21600 = 6 h)",
     )
+    p.add_argument(
+        "--retention",
+        type=float,
+        default=7 * 86400.0,
+        help="seconds finished generations and their files are kept, then deleted; "
+        "0 = keep forever (default 604800 = 7 days)",
+    )
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -154,6 +161,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return "--previews must be 0 (off) or a number of steps"
     if args.limit_concurrency < 1 or args.request_timeout <= 0 or args.result_ttl <= 0:
         return "--limit-concurrency, --request-timeout and --result-ttl must be positive"
+    if args.retention < 0:
+        return "--retention must be 0 (keep forever) or a positive number of seconds"
     try:
         Options(**runtime_options(args))
     except ValueError as e:
@@ -178,6 +187,7 @@ def _config(args: argparse.Namespace):
         allowed_origins=tuple(args.allow_origin),
         result_ttl=args.result_ttl,
         previews=args.previews,
+        retention=args.retention,
     )
 
 

@@ -45,6 +45,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()  # cross-site origins allowed, with CORS headers
     result_ttl: float = 6 * 3600.0  # seconds a signed result link stays valid
     previews: int = 0  # progress events carry a preview image every N steps; 0 = never
+    retention: float = 7 * 86400.0  # seconds finished jobs and files are kept; 0 = forever
 
 
 @dataclass

@@ -3,7 +3,12 @@
 Every error, whatever raised it, is::
 
     {"status": "error", "status_message": "...",
-     "error": {"type": "invalid_request_error", "message": "...", "param": "height"}}
+     "error": {"type": "invalid_request_error", "message": "...", "param": "height",
+               "code": null}}
+
+The ``error`` object is OpenAI's error shape (``message``, ``type``, ``param``, ``code``, the
+last two null when they do not apply), so the ``openai`` client raises its typed errors with
+our message; the two top-level keys are the hosted API's.
 
 JSON bodies are written ASCII-only (``\\uXXXX`` escapes): text that is not valid Unicode (a lone
 surrogate such as ``"\\ud800"``, which JSON can carry but UTF-8 cannot) then still makes a valid
@@ -40,7 +45,7 @@ class ApiError(Exception):
 def error_response(
     status: int, message: str, type_: str, headers: dict | None = None, **extra: Any
 ) -> JSONResponse:
-    err = {"type": type_, "message": message, **extra}
+    err = {"type": type_, "message": message, "param": None, "code": None, **extra}
     body = {"status": "error", "status_message": message, "error": err}
     return AsciiJSONResponse(body, status_code=status, headers=headers)
 

@@ -49,7 +49,8 @@ async def _wait(request: Request, events: asyncio.Queue, gen_id: str) -> bool:
             await run_in_threadpool(c.worker.cancel, gen_id)
             log.info("client gone: generation cancelled", extra={"fields": {"id": gen_id}})
             return False
-        if (await run_in_threadpool(c.store.get, gen_id))["status"] in TERMINAL:
+        row = await run_in_threadpool(c.store.get, gen_id)
+        if row is None or row["status"] in TERMINAL:  # None: deleted (DELETE /v1/videos/{id})
             return True
 
 
@@ -89,6 +90,8 @@ async def generate_sync(request: Request):
     finally:
         c.hub.unsubscribe(events)
     row = await run_in_threadpool(c.store.get, gen_id)
+    if row is None:
+        raise ApiError(409, f"generation {gen_id} was deleted", "cancelled")
     if row["status"] == "cancelled":
         raise ApiError(409, f"generation {gen_id} was cancelled", "cancelled")
     if row["status"] != "succeeded":

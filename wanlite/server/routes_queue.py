@@ -33,12 +33,39 @@ def _statuses(status: str | None) -> tuple[str, ...]:
     return statuses
 
 
+MAX_PAGE = 1000
+
+
+def _int_arg(name: str, value: str | None, lo: int, hi: int) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit() or not lo <= int(value) <= hi:
+        raise ApiError(400, f"{name} must be an integer in [{lo}, {hi}]", param=name)
+    return int(value)
+
+
 @router.get("/api/ai/queue")
-def list_queue(request: Request, model: str | None = None, status: str | None = None):
+def list_queue(
+    request: Request,
+    model: str | None = None,
+    status: str | None = None,
+    limit: str | None = None,
+    before: str | None = None,
+):
+    """The newest ``limit`` matching rows enqueued before the ``before`` cursor, oldest first;
+    ``next_before`` is the cursor of the page before this one (null on the first page)."""
     c = ctx(request)
-    rows = c.store.list(_statuses(status), model)
+    size = _int_arg("limit", limit, 1, MAX_PAGE) or MAX_PAGE
+    cursor = _int_arg("before", before, 1, 2**63 - 1)
+    rows, more = c.store.page(_statuses(status), model, size, below=cursor)
+    rows.reverse()
     base = c.base_url(request)
-    return {"count": len(rows), "generations": [render(c, r, base) for r in rows]}
+    return {
+        "count": len(rows),
+        "generations": [render(c, r, base) for r in rows],
+        "has_more": more,
+        "next_before": rows[0]["seq"] if more else None,
+    }
 
 
 def get_row(request: Request, gen_id: str) -> dict[str, Any]:

@@ -3,7 +3,10 @@
 Design
 ------
 * Every generation is one row, from ``queued`` to a terminal status (``succeeded``, ``failed``,
-  ``cancelled``).  Rows are never deleted, so results and errors stay retrievable.
+  ``cancelled``).  Rows go only by retention (:meth:`Store.purge`: finished rows older than
+  ``--retention``) or by an explicit delete (:meth:`Store.delete`, ``DELETE /v1/videos/{id}``).
+* Listings page on the sequence (:meth:`Store.page`): a cursor is a ``seq`` (or the ``seq`` of
+  a known id), so a page boundary stays put while rows are added or purged.
 * The queue *is* the table: the worker claims the oldest ``queued`` row (FIFO by an
   autoincrement sequence), so a restart loses nothing: queued rows are simply still queued.
 * Crash recovery (:meth:`Store.recover`, run at startup before the worker starts): a row that was
@@ -55,6 +58,7 @@ CREATE TABLE IF NOT EXISTS generations (
     completed_at     REAL
 );
 CREATE INDEX IF NOT EXISTS generations_status ON generations (status, seq);
+CREATE INDEX IF NOT EXISTS generations_completed ON generations (completed_at);
 """
 
 
@@ -235,9 +239,10 @@ class Store:
         """Put a ``processing`` row back at its place in the queue (clean shutdown)."""
 
         def fn(cur):
-            params = json.loads(
-                cur.execute("SELECT params FROM generations WHERE id=?", (gen_id,)).fetchone()[0]
-            )
+            row = cur.execute("SELECT params FROM generations WHERE id=?", (gen_id,)).fetchone()
+            if row is None:  # deleted meanwhile
+                return
+            params = json.loads(row[0])
             cur.execute(
                 "UPDATE generations SET status='queued', started_at=NULL, step=0, seed=? "
                 "WHERE id=? AND status='processing'",
@@ -283,23 +288,64 @@ class Store:
 
         return self._tx(fn)
 
+    def delete(self, gen_id: str) -> dict[str, Any] | None:
+        """Remove a row whatever its status; returns it as it was (None if unknown).  A running
+        one must also be stopped by the worker, whose ``finish`` then finds no row."""
+
+        def fn(cur):
+            row = self._get(cur, gen_id)
+            if row is not None:
+                cur.execute("DELETE FROM generations WHERE id=?", (gen_id,))
+            return row
+
+        return self._tx(fn)
+
+    def purge(self, cutoff: float) -> list[dict[str, Any]]:
+        """Remove the finished rows completed before ``cutoff``; returns them (the caller
+        deletes their result files, after the rows, so no row ever points at a missing file)."""
+
+        def fn(cur):
+            where = "status IN ('succeeded','failed','cancelled') AND completed_at < ?"
+            rows = cur.execute(f"SELECT * FROM generations WHERE {where}", (cutoff,)).fetchall()
+            cur.execute(f"DELETE FROM generations WHERE {where}", (cutoff,))
+            return [self._row(r) for r in rows]
+
+        return self._tx(fn)
+
     # -- queries ----------------------------------------------------------------------------
     def get(self, gen_id: str) -> dict[str, Any] | None:
         with self._lock:
             return self._get(self._db, gen_id)
 
+    def page(
+        self,
+        statuses: tuple[str, ...] = STATUSES,
+        model: str | None = None,
+        limit: int = 1000,
+        *,
+        below: int | None = None,
+        above: int | None = None,
+        descending: bool = True,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Up to ``limit`` rows with ``below > seq > above``, newest first if ``descending``;
+        and whether more rows lie beyond the page (one extra row is read to know)."""
+        sql = f"SELECT * FROM generations WHERE status IN ({','.join('?' * len(statuses))})"
+        args: list[Any] = list(statuses)
+        for clause, value in (("model=?", model), ("seq<?", below), ("seq>?", above)):
+            if value is not None:
+                sql += f" AND {clause}"
+                args.append(value)
+        sql += f" ORDER BY seq {'DESC' if descending else 'ASC'} LIMIT ?"
+        args.append(limit + 1)
+        with self._lock:
+            rows = [self._row(r) for r in self._db.execute(sql, args)]
+        return rows[:limit], len(rows) > limit
+
     def list(
         self, statuses: tuple[str, ...] = ACTIVE, model: str | None = None, limit: int = 1000
     ) -> list[dict[str, Any]]:
-        sql = f"SELECT * FROM generations WHERE status IN ({','.join('?' * len(statuses))})"
-        args: list[Any] = list(statuses)
-        if model is not None:
-            sql += " AND model=?"
-            args.append(model)
-        sql += " ORDER BY seq DESC LIMIT ?"  # the newest `limit` rows, returned oldest first
-        args.append(limit)
-        with self._lock:
-            return [self._row(r) for r in self._db.execute(sql, args)][::-1]
+        """The newest ``limit`` rows, oldest first."""
+        return self.page(statuses, model, limit)[0][::-1]
 
     def finished_since(self, since: float) -> list[dict[str, Any]]:
         with self._lock:

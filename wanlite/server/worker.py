@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .store import Store
+from .store import ACTIVE, Store
 
 log = logging.getLogger("wanlite.server")
 
@@ -170,6 +170,23 @@ class Worker:
                 self.hub.publish(name, data)
         return row, outcome
 
+    def delete(self, gen_id: str) -> dict[str, Any] | None:
+        """Remove a generation and its file (None if unknown).  A running one is stopped at its
+        next step; one still active ends for its waiters as cancelled (the row is gone)."""
+        row = self.store.delete(gen_id)
+        if row is None:
+            return None
+        if row["status"] == "processing":
+            self._cancel.add(gen_id)
+        if row["status"] in ACTIVE:
+            gone = {**row, "status": "cancelled", "error_message": "deleted by request"}
+            for name, data in terminal_events(gone):
+                self.hub.publish(name, data)
+        elif row["result_file"]:
+            (self.results_dir / row["result_file"]).unlink(missing_ok=True)
+        log.info("generation deleted", extra={"fields": {"generation_id": gen_id}})
+        return row
+
     def interrupt(self) -> None:
         """Ask the thread to stop (signal-safe, returns at once): a running job stops at its
         next step and goes back to the queue."""
@@ -268,6 +285,11 @@ class Worker:
             gen_id, status, result_file=result_file, error_message=error, metrics=metrics
         )
         self.current = None
+        if done is None:  # deleted while running (Worker.delete): its file goes too
+            self._cancel.discard(gen_id)
+            if result_file:
+                (self.results_dir / result_file).unlink(missing_ok=True)
+            return
         seconds = round(time.perf_counter() - t0, 3)
         log.info(
             "generation finished",
