@@ -113,6 +113,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="folder for the job database and the MP4 results (default ./wanlite-data)",
     )
     p.add_argument(
+        "--store",
+        default="sqlite",
+        help="where jobs live: 'sqlite' (in the data dir, default); redis://HOST:PORT/DB "
+        "is planned for several processes and not built yet",
+    )
+    p.add_argument(
         "--api-key",
         default=None,
         help="require 'Authorization: Bearer KEY' (default: env WANLITE_API_KEY; unset = open)",
@@ -161,6 +167,10 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return "--previews must be 0 (off) or a number of steps"
     if args.limit_concurrency < 1 or args.request_timeout <= 0 or args.result_ttl <= 0:
         return "--limit-concurrency, --request-timeout and --result-ttl must be positive"
+    if args.store != "sqlite":
+        if args.store.startswith(("redis://", "rediss://")):
+            return "--store redis://: not implemented yet (wanlite.server.redis_store is the store)"
+        return f"--store must be 'sqlite' or a redis:// URL, got {args.store!r}"
     if args.retention < 0:
         return "--retention must be 0 (keep forever) or a positive number of seconds"
     try:
