@@ -1,0 +1,108 @@
+"""What a default request (480x640, 81 frames, 30 steps, CFG 5) costs on this CPU, estimated
+from measured pieces at the real 1.3B shapes (random weights, the same arithmetic).
+
+    python benchmarks/bench_default_request.py [--dtype auto] [--blocks 2]
+
+A whole default request takes hours on a 2-core CPU, so it is not run end to end.  Measured
+instead, each the median of a few runs after a warm-up:
+- one DiT block forward on the request's token stream (21 x 30 x 40 = 25,200 tokens per
+  branch), both CFG branches batched, in wanlite's compute dtype; a step is ``num_layers`` of
+  those (the embedders and the head are a rounding error next to 30 blocks);
+- the VAE decode of 3 latent frames (9 video frames) at 480x640, scaled to the request's 21
+  latent frames (the decode is causal and chunked per latent frame: linear in their count).
+The text encode (seconds: ``bench_speed.py`` measures it with all 24 umT5 layers) is left out.
+Prints the host's CPU features, a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import torch
+
+from wanlite.bench import host_cpu, host_line
+from wanlite.configs import FULL
+from wanlite.dit import WanDiT
+from wanlite.options import Options
+from wanlite.random_checkpoint import random_state_dict
+from wanlite.vae import WanVAE
+
+LATENT = (16, 21, 60, 80)  # 480x640x81 in latent space
+
+
+def _median_seconds(fn, runs: int) -> float:
+    fn()  # warm-up (oneDNN primitives, allocator)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def block_seconds(dtype: torch.dtype, blocks: int, runs: int) -> float:
+    """Seconds of one block forward at the request's size, CFG batched (batch 2)."""
+    cfg = dataclasses.replace(FULL.dit, num_layers=blocks)
+    model = WanDiT(cfg).eval()
+    model.load_state_dict(random_state_dict(model, "transformer", 0))
+    model = model.to(dtype)
+    grid = (LATENT[1], LATENT[2] // 2, LATENT[3] // 2)
+    x = torch.randn(2, grid[0] * grid[1] * grid[2], cfg.dim, dtype=dtype)
+    text = model.prepare_text(torch.randn(2, 512, cfg.text_dim, dtype=dtype), [12, 1])
+    _, e0 = model.time_embeddings(torch.tensor([500.0]), 1)
+    rope = model.rope(grid, "cpu")
+    step = lambda: model.run_blocks(x.clone(), e0, text, rope)  # noqa: E731
+    return _median_seconds(step, runs) / blocks
+
+
+@torch.inference_mode()
+def decode_seconds(latent_frames: int, runs: int) -> float:
+    """Seconds of a full-shape VAE decode (fp32, as wanlite runs it) of 480x640 latents."""
+    vae = WanVAE(FULL.vae).eval()
+    vae.load_state_dict(random_state_dict(vae, "vae", 0))
+    z = torch.randn(1, 16, latent_frames, LATENT[2], LATENT[3])
+    return _median_seconds(lambda: vae.decode(z), runs)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--blocks", type=int, default=1, help="DiT blocks per timed forward")
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--steps", type=int, default=30)
+    a = p.parse_args()
+    cpu = torch.device("cpu")
+    dtype = Options(dtype=a.dtype).resolve_dtype(cpu)
+    block = block_seconds(dtype, a.blocks, a.runs)
+    step = block * FULL.dit.num_layers
+    dec3 = decode_seconds(3, 1)
+    decode = dec3 * LATENT[1] / 3
+    total = step * a.steps + decode
+    print(host_line())
+    print(f"default request 480x640x81, {a.steps} steps, CFG 5 (batched), DiT in {dtype}:")
+    print(f"  one DiT block, both branches: {block:.1f} s -> one step ({FULL.dit.num_layers} "
+          f"blocks): {step:.0f} s")  # fmt: skip
+    print(f"  VAE decode, 3 latent frames: {dec3:.0f} s -> 21 latent frames: {decode:.0f} s")
+    print(f"  estimated total: {total / 60:.0f} min ({total / 3600:.1f} h), text encode aside")
+    print(
+        json.dumps(
+            {
+                "host": host_cpu(),
+                "dtype": str(dtype),
+                "block_s": block,
+                "step_s": step,
+                "decode_s": decode,
+                "total_s": total,
+                "steps": a.steps,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
