@@ -172,13 +172,30 @@ def _random_lora(model: str, workdir: Path) -> Path:
     return path if path.is_file() else write_random_lora(path, read_model_config(model).dit)
 
 
-def run_jobs(jobs: dict[str, list[str]], steps: int, repeat: int = 1) -> dict[str, dict]:
+def warm_page_cache(folder: str | Path) -> float:
+    """Read every file under ``folder`` once (into the OS page cache, not this process), so
+    each timed run starts from the same warm cache; returns the seconds it took."""
+    t0 = time.perf_counter()
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            with open(path, "rb", buffering=0) as f:
+                while f.read(64 * 2**20):
+                    pass
+    return time.perf_counter() - t0
+
+
+def run_jobs(
+    jobs: dict[str, list[str]], steps: int, repeat: int = 1, warm: str | Path | None = None
+) -> dict[str, dict]:
     """Run every job ``repeat`` times, round-robin (so slow spells of a shared machine hit all
     rows alike); times are the per-phase medians (and s/step of ``steps``), peaks the maximum.
-    The npz path of a job is its last argument."""
+    ``warm``: a checkpoint folder read into the page cache before every run.  The npz path of
+    a job is its last argument."""
     runs: dict[str, list[dict]] = {name: [] for name in jobs}
     for i in range(repeat):
         for name, argv in jobs.items():
+            if warm is not None:
+                warm_page_cache(warm)
             print(f"running {name} ({i + 1}/{repeat}) ...", file=sys.stderr, flush=True)
             runs[name].append(run_worker(argv) | {"npz": argv[-1]})
     return {name: _median(rs, steps) for name, rs in runs.items()}
@@ -229,7 +246,7 @@ def run_modes(
 ) -> dict[str, dict]:
     """Every mode in its own process; fidelity and speed-up vs the first mode."""
     jobs = mode_jobs(model, params, modes, workdir, base)
-    results = run_jobs(jobs, params["num_inference_steps"], repeat)
+    results = run_jobs(jobs, params["num_inference_steps"], repeat, warm=model)
     add_fidelity(results, next(iter(results)))
     return results
 

@@ -96,6 +96,11 @@ class Pipeline:
         self.source = ModelSource.of(path)
         self.path = self.source.folder  # None when every weight set is a single file
         self.options = options or Options()
+        self.preset = get_preset(self.options.preset) if self.options.preset else None
+        if self.preset is not None and (self.options.sampler != "unipc" or self.options.timesteps):
+            raise ValueError(
+                f"preset {self.preset.name!r} sets the sampler: leave sampler and timesteps unset"
+            )
         self.device = self.options.resolve_device()
         self.dtype = self.options.resolve_dtype(self.device)
         self.cfg = self.source.config()
@@ -124,11 +129,6 @@ class Pipeline:
         self.stats: dict = {}
         # The tiny VAE (decoder="taew2_1", and previews when given): 40 MB in fp32, resident.
         self.tae = self._load_tae()
-        self.preset = get_preset(self.options.preset) if self.options.preset else None
-        if self.preset is not None and (self.options.sampler != "unipc" or self.options.timesteps):
-            raise ValueError(
-                f"preset {self.preset.name!r} sets the sampler: leave sampler and timesteps unset"
-            )
 
     def _acquire(self, name: str, place: planner.Placement) -> torch.nn.Module:
         # The umT5's token embedding (256k x 4096: 4 GiB in fp32) is never read whole: a prompt
