@@ -9,6 +9,9 @@ Design
   (``GET /api/ai/results/{id}.mp4``), ``GET /health`` and ``GET /ready``.
 * OpenAI's video API (``/v1/videos``, :mod:`~wanlite.server.routes_openai`) on the same jobs.
 * Retention (:mod:`~wanlite.server.retention`) is an asyncio task of the lifespan.
+* The store is SQLite in the data dir, or Redis (``--store redis://``: then events of every
+  process come through Redis pub/sub into this process's hub, and with ``--workers 0`` no model
+  runs here).
 * One route family per module (``routes_*.py``), each an ``APIRouter`` of module-level
   handlers; what they share (config, store, worker, event hub, signer) is one
   :class:`~wanlite.server.context.ServerContext` on ``app.state.ctx``, filled in by the
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -34,6 +39,7 @@ from . import (
     routes_generate,
     routes_models,
     routes_openai,
+    routes_page,
     routes_queue,
     routes_results,
 )
@@ -44,7 +50,7 @@ from .origin import OriginPolicy
 from .protocol import limit_accept_errors
 from .signing import Signer
 from .store import Store
-from .worker import EventHub, Worker
+from .worker import EventHub, RemoteWorkers, Worker
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -56,6 +62,7 @@ ROUTERS = (
     routes_generate,
     routes_events,
     routes_openai,
+    routes_page,
 )
 
 
@@ -74,14 +81,37 @@ def default_loader(config: ServerConfig):
     return load
 
 
+PART_AGE = 86400.0  # a shared results folder's temp files this old are leftovers of a crash
+
+
 def _open_store(c: ServerContext) -> Store:
     c.results_dir.mkdir(parents=True, exist_ok=True)
+    shared = c.config.store != "sqlite"  # other processes may be writing their results now
     for part in c.results_dir.glob(".*.part"):  # temp files of a write cut by a crash
-        part.unlink(missing_ok=True)
+        if not shared or time.time() - part.stat().st_mtime > PART_AGE:
+            part.unlink(missing_ok=True)
+    if shared:
+        from .redis_store import RedisStore
+
+        kw = {"claim_timeout": c.config.claim_timeout, "max_attempts": c.config.max_attempts}
+        return RedisStore(c.config.store, **kw)
     store = Store(Path(c.config.data_dir) / "wanlite.sqlite3")
     for gen_id in store.recover():
         log.warning("interrupted generation marked failed", extra={"fields": {"id": gen_id}})
     return store
+
+
+def _relay(c: ServerContext) -> threading.Event | None:
+    """On Redis: a thread relaying every process's events into this one's hub (the returned
+    event stops it); the hub's publishers are then the Redis bus, never the hub itself."""
+    if not c.store.shared:
+        return None
+    from .redis_store import relay_events
+
+    stop = threading.Event()
+    args = (c.config.store, c.hub, stop)
+    threading.Thread(target=relay_events, args=args, name="wanlite-relay", daemon=True).start()
+    return stop
 
 
 def _lifespan(c: ServerContext, loader):
@@ -91,7 +121,17 @@ def _lifespan(c: ServerContext, loader):
         c.hub = EventHub()
         c.hub.bind(asyncio.get_running_loop())
         limit_accept_errors(asyncio.get_running_loop())
-        c.worker = Worker(c.store, c.results_dir, loader, c.hub, previews=c.config.previews)
+        relay = _relay(c)
+        if c.store.shared:
+            from .redis_store import RedisBus
+
+            bus = RedisBus(c.store)
+        else:
+            bus = c.hub
+        if c.config.workers:
+            c.worker = Worker(c.store, c.results_dir, loader, bus, previews=c.config.previews)
+        else:
+            c.worker = RemoteWorkers(c.store, c.results_dir, bus)
         c.worker.start()
         purger = asyncio.create_task(retention.run(c.store, c.results_dir, c.config.retention))
         log.info("server started", extra={"fields": {"model": c.config.model_id}})
@@ -99,6 +139,8 @@ def _lifespan(c: ServerContext, loader):
             yield
         finally:
             purger.cancel()
+            if relay is not None:
+                relay.set()
             if await run_in_threadpool(c.worker.stop):
                 c.store.close()
 
