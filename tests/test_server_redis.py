@@ -1,24 +1,31 @@
 """The Redis job store (``wanlite.server.redis_store``) against a real ``redis-server`` started by
 a fixture on a free loopback port (AOF on, in a temp dir); skipped where ``redis-server`` or the
-``redis`` package is missing.  Store level only: ``serve --store redis://`` and ``wanlite
-worker`` are not wired yet, so the multi-process tests (two workers, two API processes, kill -9
-of a worker mid-job) remain to be written with them.
+``redis`` package is missing.  First the store alone, then real processes on the micro random
+model: two HTTP-only ``wanlite serve --store redis:// --workers 0`` and two ``wanlite worker``
+sharing one results folder (submit through one API, stream and cancel through the other, kill -9
+a worker mid-job, SIGTERM one), and one ``serve --store redis://`` with its own worker thread
+across a Redis restart.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 redis = pytest.importorskip("redis")
+requests = pytest.importorskip("requests")
 if shutil.which("redis-server") is None:
     pytest.skip("redis-server is not installed", allow_module_level=True)
 
-from test_server import free_port  # noqa: E402
+from test_server import CLEAN_EXIT, SMALL, Server, free_port  # noqa: E402
 
 from wanlite.server.redis_store import DIED, RedisStore  # noqa: E402
 from wanlite.server.store import QueueFull  # noqa: E402
@@ -122,3 +129,183 @@ def test_the_queue_survives_a_redis_restart_with_aof(redis_server):
     assert claim(worker)["id"] == ids[2]  # the cancelled entry is skipped
     assert api.list()[0]["id"] == ids[0] and len(api.list()) == 2
     assert [r["id"] for r in api.purge(time.time() + 1)] == [ids[1]]
+
+
+def test_touch_and_finish_belong_to_the_owner_and_requeue_keeps_the_place(redis_server):
+    api = RedisStore(redis_server.url)
+    first, second = (r["id"] for r in api.enqueue(MODEL, {**PARAMS, "seed": 5}, 2, "url", 10))
+    a = RedisStore(redis_server.url, consumer="a", claim_timeout=0.3)
+    b = RedisStore(redis_server.url, consumer="b", claim_timeout=0.3)
+    assert claim(a)["id"] == first and a.poll(first) is None
+    time.sleep(0.4)
+    assert claim(b)["id"] == first  # a went silent: b took it over
+    assert a.poll(first) == "lost" and not a.touch(first)  # a cannot steal it back...
+    assert a.finish(first, "succeeded")["status"] == "processing"  # ...nor end it
+    assert b.touch(first) and api.cancel(first)[1] == "requested" and b.poll(first) == "cancelled"
+    b.requeue(first)  # a clean stop: back in the queue, ahead of `second`, not an attempt
+    row = api.get(first)
+    assert (row["status"], row["started_at"], row["seed"], row["step"]) == ("queued", None, 5, 0)
+    c = RedisStore(redis_server.url, consumer="c", claim_timeout=30)
+    assert claim(c)["id"] == first  # at once, not after a claim timeout
+    assert claim(c)["id"] == second
+    api.delete(first)
+    assert c.poll(first) == "deleted" and c.finish(first, "succeeded") is None
+
+
+# -- processes -----------------------------------------------------------------------------------
+JOB = {"height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 40}
+LONG = {"height": 256, "width": 256, "num_frames": 33, "num_inference_steps": 100}
+
+
+class WorkerProcess:
+    """A ``python -m wanlite.server worker`` subprocess on the micro model, with a log file."""
+
+    def __init__(self, tmp_path: Path, url: str, results: Path, name: str):
+        self.name, self.log_path = name, tmp_path / f"{name}.log"
+        self.cmd = [sys.executable, "-m", "wanlite.server", "worker", "--model", "random:micro"]
+        self.cmd += ["--device", "cpu", "--threads", "1", "--store", url, "--name", name]
+        self.cmd += ["--results", str(results), "--claim-timeout", "2"]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def records(self) -> list[dict]:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def ran(self, gen_id: str, msg: str = "generation started") -> int:
+        return sum(r["msg"] == msg and r.get("generation_id") == gen_id for r in self.records())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(10)
+
+
+class EventLog:
+    """Every SSE event of one server, collected by a thread."""
+
+    def __init__(self, server: Server):
+        self.events: list[tuple[str, dict]] = []
+        self.resp = server.req("GET", "/api/events", stream=True)
+        assert self.resp.status_code == 200
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        name = None
+        try:
+            for line in self.resp.iter_lines(decode_unicode=True):
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    self.events.append((name, json.loads(line[6:])))
+        except Exception:  # noqa: BLE001 - the stream ends with the server
+            pass
+
+    def of(self, gen_id: str, name: str | None = None) -> list[dict]:
+        return [d for n, d in self.events if d["generation_id"] == gen_id and name in (None, n)]
+
+    def wait_for(self, gen_id: str, name: str, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if got := self.of(gen_id, name):
+                return got[-1]
+            time.sleep(0.05)
+        pytest.fail(f"no {name} event for {gen_id}: {self.events[-5:]}")
+
+
+def api_server(tmp_path: Path, name: str, url: str, results: Path, *extra: str) -> Server:
+    flags = ("--store", url, "--results", str(results), "--claim-timeout", "2", *extra)
+    return Server(tmp_path / name, model="random:micro", extra=flags)
+
+
+def test_two_api_processes_and_two_workers_share_one_redis(redis_server, tmp_path):
+    """Submit through A, stream and cancel through B; kill -9 the worker running a job and the
+    other one re-runs it from the start; SIGTERM a worker and its job goes back to the queue;
+    readiness follows the workers."""
+    results = tmp_path / "results"
+    a = api_server(tmp_path, "a", redis_server.url, results, "--workers", "0")
+    b = api_server(tmp_path, "b", redis_server.url, results, "--workers", "0")  # same key
+    workers = [WorkerProcess(tmp_path, redis_server.url, results, n) for n in ("w1", "w2")]
+    procs = [a.start(), b.start(), *(w.start() for w in workers)]
+    try:
+        a.wait_ready(timeout=300), b.wait_ready(timeout=300)  # ready: a worker has loaded
+        stream = EventLog(b)
+        job1 = a.enqueue(**JOB)[0]
+        b.wait(job1, until={"processing"}, step=1)
+        runner = next(w for w in workers if w.ran(job1))
+        other = next(w for w in workers if w is not runner)
+        runner.proc.kill()  # kill -9 mid-job: its claim goes stale after --claim-timeout 2
+        runner.proc.wait(10)
+
+        job2 = a.enqueue(**LONG)[0]  # the survivor takes the new job first...
+        b.wait(job2, until={"processing"}, step=1)
+        job3 = a.enqueue()[0]
+        assert b.status(job3)["status"] == "queued"  # (the only worker is busy)
+        r = b.req("POST", f"/api/ai/queue/{job3}/cancel")  # queued through A, cancelled via B
+        assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+        r = b.req("DELETE", f"/api/ai/queue/{job2}")  # running on a worker process
+        assert r.status_code == 200 and r.json()["cancel_requested"] is True, r.text
+        assert a.wait(job2)["status"] == "cancelled"
+        assert stream.wait_for(job3, "media_generation_cancelled")["status"] == "cancelled"
+        assert stream.wait_for(job2, "media_generation_completed")["status"] == "cancelled"
+
+        done = stream.wait_for(job1, "media_generation_completed", timeout=120)  # ...then job1
+        assert done["status"] == "succeeded" and done["result_url"].startswith(b.base), done
+        d = a.wait(job1)
+        assert d["status"] == "succeeded" and d["progress"] == {"step": 40, "total": 40}, d
+        assert other.ran(job1) == 1 and other.ran(job1, "generation finished") == 1
+        steps = [e["step"] for e in stream.of(job1, "media_generation_progress")]
+        assert steps.count(0) == 2 and steps[-1] == 40, steps  # started twice, from the start
+        r = requests.get(d["result_url"], timeout=60)  # A's link to the shared results folder
+        assert r.status_code == 200 and r.content[4:8] == b"ftyp"
+        assert (results / f"{job1}.mp4").is_file()
+
+        job4 = a.enqueue(**LONG)[0]  # a clean stop: the job goes back to the queue
+        b.wait(job4, until={"processing"}, step=1)
+        assert other.stop() == 0, other.log_path.read_text()[-2000:]
+        d = b.status(job4)
+        assert (d["status"], d["started_at"], d["error_message"]) == ("queued", None, None), d
+        deadline = time.monotonic() + 10  # no worker left: not ready (cache of 1 s)
+        while a.req("GET", "/ready").status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert "no worker" in a.req("GET", "/ready").json()["error"]
+        r = b.req("DELETE", f"/v1/videos/{job4}")
+        assert r.status_code == 200 and a.req("GET", f"/api/ai/queue/{job4}").status_code == 404
+    finally:
+        for w in workers:
+            w.stop()
+        for s in procs[:2]:
+            assert s.stop() in CLEAN_EXIT, s.log_tail()
+
+
+def test_serve_with_its_own_worker_on_redis_survives_a_redis_restart(redis_server, tmp_path):
+    """``serve --store redis://`` (one process, a worker thread): a sync generation; then Redis
+    restarts (AOF) with jobs queued, and they run once it is back."""
+    s = api_server(tmp_path, "s", redis_server.url, tmp_path / "results").start()
+    try:
+        s.wait_ready(timeout=300)
+        body = {"model": "wan-ai-wan2-1-t2v-1-3b-diffusers", "prompt": "a fox", **SMALL}
+        r = s.req("POST", "/api/ai/videos/generate", json=body)
+        assert r.status_code == 200, r.text
+        ids = s.enqueue(2, **LONG)
+        s.wait(ids[0], until={"processing"}, step=1)
+        redis_server.kill()
+        redis_server.start()
+        assert [s.status(i)["status"] for i in ids] == ["processing", "queued"]
+        r = s.req("DELETE", f"/api/ai/queue/{ids[0]}")  # through Redis, to the worker thread
+        assert r.status_code == 200, r.text
+        assert s.wait(ids[0])["status"] == "cancelled"
+        assert s.wait(ids[1], until={"processing"})["status"] == "processing"
+        assert s.req("POST", f"/api/ai/queue/{ids[1]}/cancel").status_code == 200
+        assert s.wait(ids[1])["status"] == "cancelled"
+    finally:
+        assert s.stop() in CLEAN_EXIT, s.log_tail()

@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_convert(sub)
     _add_bench(sub)
     server.add_parser(sub)
+    server.add_worker_parser(sub)
     sub.add_parser("schema", help="print the JSON Schema of the generation parameters")
     sub.add_parser("presets", help="list the named recipes (--preset) and their sources")
     args = parser.parse_args(argv)
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return server.run(args)
+    if args.command == "worker":
+        return server.run_worker(args)
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:

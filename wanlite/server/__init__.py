@@ -13,7 +13,9 @@ Wiring into the ``wanlite`` command line::
 
     from . import server
     server.add_parser(sub)                               # adds the "serve" sub-command
+    server.add_worker_parser(sub)                        # adds "worker" (Redis store only)
     if args.command == "serve": return server.run(args)  # runs it, returns the exit code
+    if args.command == "worker": return server.run_worker(args)
 
 Importing this package is light: FastAPI and uvicorn load only in :func:`run`.
 """
@@ -37,4 +39,18 @@ def run(args: argparse.Namespace) -> int:
     return _run(args)
 
 
-__all__ = ["add_parser", "run"]
+def add_worker_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``worker`` sub-command (a model process on a Redis job store, no HTTP)."""
+    from .cli import add_worker_parser as _add
+
+    return _add(subparsers)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Run ``wanlite worker`` with parsed ``args``; returns the process exit code."""
+    from .cli import run_worker as _run
+
+    return _run(args)
+
+
+__all__ = ["add_parser", "add_worker_parser", "run", "run_worker"]

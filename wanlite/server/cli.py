@@ -9,6 +9,10 @@ Design
   record's structured ``fields``), uvicorn's included; uvicorn's own access log is off because
   the app logs every request itself.
 * The HTTP side starts at once; the model loads in the worker thread (``/ready`` tells when).
+* ``--store redis://HOST:PORT/DB`` shares jobs between processes: ``serve`` processes (with a
+  worker thread, or ``--workers 0`` for HTTP only) and ``worker`` processes (the model and no
+  HTTP: :func:`add_worker_parser`, :func:`run_worker`), results in one ``--results`` folder
+  that all of them reach (e.g. a network share).
 """
 
 from __future__ import annotations
@@ -96,6 +100,35 @@ def _add_guard_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        default="sqlite",
+        help="where jobs live: 'sqlite' (in the data dir, default: one process) or "
+        "redis://HOST:PORT/DB (shared by several serve and worker processes)",
+    )
+    p.add_argument(
+        "--results",
+        default=None,
+        metavar="DIR",
+        help="folder of the MP4 results, the same for every process on one Redis "
+        "(default: DATA_DIR/results)",
+    )
+    p.add_argument(
+        "--claim-timeout",
+        type=float,
+        default=30.0,
+        help="Redis: seconds without a heartbeat after which a worker's job is taken over by "
+        "another worker (default 30)",
+    )
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        default=3,
+        help="Redis: times a job is started before it ends failed (default 3)",
+    )
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``serve`` to ``subparsers`` (from ``ArgumentParser.add_subparsers``).  Light: it
     imports neither FastAPI nor torch, so ``wanlite --help`` works without the server extra."""
@@ -112,11 +145,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="wanlite-data",
         help="folder for the job database and the MP4 results (default ./wanlite-data)",
     )
+    _add_store_options(p)
     p.add_argument(
-        "--store",
-        default="sqlite",
-        help="where jobs live: 'sqlite' (in the data dir, default); redis://HOST:PORT/DB "
-        "is planned for several processes and not built yet",
+        "--workers",
+        type=int,
+        default=1,
+        choices=(0, 1),
+        help="model threads in this process: 1 (default), or 0 for the HTTP side alone "
+        "(with --store redis://; jobs run in 'wanlite worker' processes)",
     )
     p.add_argument(
         "--api-key",
@@ -167,16 +203,40 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return "--previews must be 0 (off) or a number of steps"
     if args.limit_concurrency < 1 or args.request_timeout <= 0 or args.result_ttl <= 0:
         return "--limit-concurrency, --request-timeout and --result-ttl must be positive"
-    if args.store != "sqlite":
-        if args.store.startswith(("redis://", "rediss://")):
-            return "--store redis://: not implemented yet (wanlite.server.redis_store is the store)"
-        return f"--store must be 'sqlite' or a redis:// URL, got {args.store!r}"
+    error = _check_store_args(args)
+    if error:
+        return error
+    if args.workers == 0 and args.store == "sqlite":
+        return "--workers 0 needs --store redis://... (with SQLite nothing else can run the jobs)"
     if args.retention < 0:
         return "--retention must be 0 (keep forever) or a positive number of seconds"
     try:
         Options(**runtime_options(args))
     except ValueError as e:
         return str(e)
+    return None
+
+
+def _check_store_args(args: argparse.Namespace) -> str | None:
+    if args.store != "sqlite" and not args.store.startswith(("redis://", "rediss://")):
+        return f"--store must be 'sqlite' or a redis:// URL, got {args.store!r}"
+    if args.claim_timeout <= 0 or args.max_attempts < 1:
+        return "--claim-timeout must be positive and --max-attempts at least 1"
+    return None
+
+
+def _check_redis(url: str) -> str | None:
+    """The error of a Redis that cannot be used, in one line."""
+    try:
+        import redis
+    except ImportError:
+        return "--store redis:// needs the redis package: pip install redis"
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+        client.ping()
+        client.close()
+    except (redis.RedisError, ValueError) as e:
+        return f"cannot use the Redis store {url!r}: {e}"
     return None
 
 
@@ -198,23 +258,35 @@ def _config(args: argparse.Namespace):
         result_ttl=args.result_ttl,
         previews=args.previews,
         retention=args.retention,
+        store=args.store,
+        results=Path(args.results) if args.results else None,
+        workers=args.workers,
+        claim_timeout=args.claim_timeout,
+        max_attempts=args.max_attempts,
     )
 
 
-def _check_data_dir(data_dir: Path) -> str | None:
-    """The error of a data dir that is busy or not writable, in one line."""
+def _check_data_dir(data_dir: Path, results: Path | None = None, lock: bool = True) -> str | None:
+    """The error of a data dir or results folder that is busy or not writable, in one line.
+    ``lock``: SQLite's one-server-per-data-dir lock (not taken with Redis)."""
     from .store import lock_data_dir
 
+    results = results or data_dir / "results"
+    folders = {"data dir": data_dir, "results folder": results} if lock else {}
+    folders["results folder"] = results
+    what = "data dir" if lock and results == data_dir / "results" else "results folder"
     try:
-        (data_dir / "results").mkdir(parents=True, exist_ok=True)
-        lock_data_dir(data_dir).close()
-        for folder in (data_dir, data_dir / "results"):  # the lock file may be there already
+        results.mkdir(parents=True, exist_ok=True)
+        if lock:
+            lock_data_dir(data_dir).close()
+        for name, folder in folders.items():  # the lock file may be there already
+            what = name
             with tempfile.TemporaryFile(dir=folder):
                 pass
     except RuntimeError as e:
         return str(e)
     except OSError as e:  # one line, whatever the folder: no traceback
-        return f"data dir {str(data_dir)!r} is not usable: {e.strerror or e}"
+        return f"{what} {str(folders.get(what, results))!r} is not usable: {e.strerror or e}"
     return None
 
 
@@ -281,18 +353,114 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         return _fail(f"{e.name} is missing: pip install 'wanlite[server]'", 1)
     config = _config(args)
-    error = _check_data_dir(config.data_dir)
+    redis_store = config.store != "sqlite"
+    error = _check_data_dir(config.data_dir, config.results, lock=not redis_store)
+    if not error and redis_store:
+        error = _check_redis(config.store)
     if error:
         return _fail(error, 2)
     _log_start(args, config)
     return _serve(args, config)
 
 
+# -- wanlite worker -------------------------------------------------------------------------------
+def add_worker_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``worker`` to ``subparsers``: a model process on a Redis store, without HTTP."""
+    p = subparsers.add_parser(
+        "worker",
+        help="run jobs of a Redis job store (no HTTP side): one model, one job at a time",
+        description="Run the jobs queued in a Redis store by 'wanlite serve --store redis://...' "
+        "processes: any number of workers, on any machines that reach the Redis and the "
+        "results folder.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="local folder, hub id, or random:tiny")
+    p.add_argument(
+        "--data-dir",
+        default="wanlite-data",
+        help="folder whose results/ holds the MP4s unless --results is given "
+        "(default ./wanlite-data)",
+    )
+    _add_store_options(p)
+    p.add_argument(
+        "--name", default=None, help="this worker's consumer name in Redis (default: random)"
+    )
+    add_runtime_options(p)
+    p.add_argument(
+        "--threads", type=int, default=0, help="CPU threads for the model (default: torch's)"
+    )
+    p.add_argument("--log-level", default="info", help="debug | info | warning | error")
+    p.add_argument(
+        "--previews",
+        type=int,
+        nargs="?",
+        const=5,
+        default=0,
+        metavar="EVERY",
+        help="progress events carry a small JPEG preview every EVERY steps (default off)",
+    )
+    return p
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Run a worker until SIGTERM/SIGINT (its running job goes back to the queue) or until its
+    model fails to load (exit 1).  Returns the process exit code."""
+    import signal
+    import socket
+
+    setup_logging(args.log_level)
+    error = _check_store_args(args)
+    if not error and args.store == "sqlite":
+        error = "wanlite worker needs --store redis://HOST:PORT/DB"
+    if not error and args.previews < 0:
+        error = "--previews must be 0 (off) or a number of steps"
+    if not error:
+        try:
+            Options(**runtime_options(args))
+        except ValueError as e:
+            error = str(e)
+    results = Path(args.results) if args.results else Path(args.data_dir) / "results"
+    error = error or _check_data_dir(Path(args.data_dir), results, lock=False)
+    error = error or _check_redis(args.store)
+    if error:
+        return _fail(error, 2)
+
+    from .redis_store import RedisBus, RedisStore
+    from .worker import Worker, load_model
+
+    name = args.name or f"{socket.gethostname()}-{os.getpid()}"
+    store = RedisStore(
+        args.store, consumer=name, claim_timeout=args.claim_timeout, max_attempts=args.max_attempts
+    )
+    options = runtime_options(args)
+
+    def loader():
+        return load_model(args.model, options, args.threads)
+
+    worker = Worker(store, results, loader, RedisBus(store), previews=args.previews)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.interrupt())
+    fields = {"store": args.store, "consumer": name, "checkpoint": args.model}
+    fields["results"] = str(results.resolve())
+    logging.getLogger("wanlite.server").info("worker starting", extra={"fields": fields})
+    worker.start()
+    while worker.alive():
+        time.sleep(0.2)
+    worker.stop()
+    store.close()
+    if worker.state == "failed":
+        return _fail(f"the model failed to load: {worker.load_error}", 1)
+    logging.getLogger("wanlite.server").info("worker stopped", extra={"fields": fields})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``python -m wanlite.server [serve] ...`` or ``python -m wanlite.server worker ...``."""
     parser = argparse.ArgumentParser(prog="python -m wanlite.server")
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)
+    add_worker_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "serve":
+    if not argv or argv[0] not in ("serve", "worker"):
         argv = ["serve", *argv]
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return run_worker(args) if args.command == "worker" else run(args)

@@ -4,7 +4,10 @@ Design
 ------
 * :class:`ServerConfig` is what the command line decides; :class:`ServerContext` adds what
   exists while the app runs (store, worker, event hub) and lives on ``app.state.ctx``; route
-  handlers reach it with :func:`ctx`.
+  handlers reach it with :func:`ctx`.  The store is SQLite (default) or Redis
+  (``config.store``); ``worker`` is the model thread, or with ``--workers 0`` a
+  :class:`~wanlite.server.worker.RemoteWorkers` (cancel and delete through the store, readiness
+  from the worker processes).
 * Result links are absolute URLs built from ``--public-url`` or, without it, from the address
   the client connected to: never from the client's ``Host`` or ``X-Forwarded-Host``, which a
   client (or anyone in front of a proxy) may set to anything.  With an API key they carry
@@ -27,7 +30,7 @@ from wanlite.paths import DEFAULT_MODEL
 
 from .signing import Signer
 from .store import Store
-from .worker import EventHub, Worker, result_path
+from .worker import EventHub, JobControl, result_path
 
 
 @dataclass
@@ -46,19 +49,24 @@ class ServerConfig:
     result_ttl: float = 6 * 3600.0  # seconds a signed result link stays valid
     previews: int = 0  # progress events carry a preview image every N steps; 0 = never
     retention: float = 7 * 86400.0  # seconds finished jobs and files are kept; 0 = forever
+    store: str = "sqlite"  # "sqlite" (in the data dir) or a redis:// URL
+    results: Path | None = None  # result files; default: the data dir's results folder
+    workers: int = 1  # model threads in this process: 1, or 0 (HTTP only; needs Redis)
+    claim_timeout: float = 30.0  # Redis: a job whose worker is silent this long is taken over
+    max_attempts: int = 3  # Redis: deliveries of a job before it ends failed
 
 
 @dataclass
 class ServerContext:
     config: ServerConfig
     signer: Signer
-    store: Store | None = None
+    store: Store | None = None  # or a RedisStore (same interface)
     hub: EventHub | None = None
-    worker: Worker | None = None
+    worker: JobControl | None = None  # a Worker, or RemoteWorkers with --workers 0
 
     @property
     def results_dir(self) -> Path:
-        return Path(self.config.data_dir) / "results"
+        return Path(self.config.results or Path(self.config.data_dir) / "results")
 
     def base_url(self, request: Request) -> str:
         if self.config.public_url:

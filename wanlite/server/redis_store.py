@@ -1,8 +1,8 @@
 """The job store on Redis, for several API and worker processes (``--store redis://HOST:PORT/DB``).
 
-Status: the store itself (this module) is built and tested against a real ``redis-server``
-(tests/test_server_redis.py); ``wanlite serve --store redis://...`` and ``wanlite worker`` are
-not wired to it yet (see the server README, "Decided, not built yet").
+Used by ``wanlite serve --store redis://...`` (API processes, with or without a worker thread)
+and ``wanlite worker --store redis://...`` (worker processes, no HTTP); tested against a real
+``redis-server`` (tests/test_server_redis.py).
 
 Design
 ------
@@ -19,26 +19,44 @@ Design
   are skipped and acknowledged when they come up.
 * Every state change that must be atomic (enqueue with the bound, claim, finish, cancel) is one
   Lua script, so no two processes ever see a half-done change.
+* A job has one owner: the hash's ``worker`` field.  :meth:`RedisStore.touch`, ``finish`` and
+  ``requeue`` act only for that owner, so a worker that lost its claim (taken over after a
+  long pause) can neither steal it back nor end a job another worker is running.
+* A clean stop (:meth:`RedisStore.requeue`) marks the job ``queued`` again and makes its entry
+  look long idle without counting a delivery (``XCLAIM ... IDLE RETRYCOUNT``), so the next
+  ``XAUTOCLAIM`` of any worker takes it at once, ahead of newer entries.
+* Events go through pub/sub (channel ``wanlite:events``, :meth:`RedisStore.publish_event`);
+  every API process relays them into its own :class:`~wanlite.server.worker.EventHub`
+  (:func:`relay_events`), so any API process streams any job.  Pub/sub is fire-and-forget: an
+  event sent while an API process is cut from Redis is lost for its streams, but the state is
+  in the hashes (sync waits poll it, and SSE replays the last minute's completions).
+* Workers announce themselves in the hash ``wanlite:workers`` (consumer -> state, error, time)
+  every couple of seconds; an HTTP-only process is ready when a fresh entry says ``ready``.
 * Durability is Redis's: with ``appendonly yes`` the queue survives a Redis restart.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Any
 
 from .store import STATUSES, TERMINAL, QueueFull
 
+log = logging.getLogger("wanlite.server")
 P = "wanlite:"
 QUEUE, GROUP = P + "queue", "workers"
+EVENTS, WORKERS = P + "events", P + "workers"
+WORKER_FRESH = 10.0  # seconds a worker's announcement stays valid
 DIED = "its worker stopped responding {n} times (crashed or killed); giving up"
 
 _ENQUEUE = """
 if redis.call('SCARD', KEYS[1]) + #ARGV - 1 > tonumber(ARGV[1]) then
   return -1
 end
+local seqs = {}
 for i = 2, #ARGV do
   local row = cjson.decode(ARGV[i])
   local seq = redis.call('INCR', KEYS[2])
@@ -49,8 +67,9 @@ for i = 2, #ARGV do
   redis.call('ZADD', KEYS[3], seq, row['id'])
   redis.call('SADD', KEYS[1], row['id'])
   redis.call('XADD', KEYS[4], '*', 'id', row['id'])
+  seqs[#seqs + 1] = seq
 end
-return #ARGV - 1
+return seqs
 """
 
 # KEYS: gen hash, queued set; ARGV: started_at, seed, consumer, entry id
@@ -62,9 +81,11 @@ redis.call('SREM', KEYS[2], redis.call('HGET', KEYS[1], 'id'))
 return 1
 """
 
-# KEYS: gen hash, finished zset, stream; ARGV: status, completed_at, result_file, error, metrics
+# KEYS: gen hash, finished zset, stream; ARGV: status, completed_at, result_file, error, metrics,
+# consumer (only its job is finished; '' = whoever runs it)
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
+if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[6] then return 0 end
 local entry = redis.call('HGET', KEYS[1], 'entry')
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'completed_at', ARGV[2], 'result_file', ARGV[3],
            'error_message', ARGV[4], 'metrics', ARGV[5])
@@ -94,6 +115,34 @@ end
 return 'terminal'
 """
 
+# KEYS: gen hash, stream; ARGV: consumer
+_TOUCH = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+local entry = redis.call('HGET', KEYS[1], 'entry')
+if not entry then return 0 end
+redis.call('XCLAIM', KEYS[2], 'workers', ARGV[1], 0, entry, 'JUSTID')
+return 1
+"""
+
+# KEYS: gen hash, queued set, stream; ARGV: consumer, seed ('' = pick again), idle ms
+_REQUEUE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'started_at', '', 'step', '0', 'seed', ARGV[2])
+redis.call('HDEL', KEYS[1], 'worker')
+redis.call('SADD', KEYS[2], redis.call('HGET', KEYS[1], 'id'))
+local entry = redis.call('HGET', KEYS[1], 'entry')
+if entry then
+  local p = redis.call('XPENDING', KEYS[3], 'workers', entry, entry, 1)
+  local n = 0
+  if p[1] then n = math.max(tonumber(p[1][4]) - 1, 0) end
+  redis.call('XCLAIM', KEYS[3], 'workers', ARGV[1], 0, entry, 'IDLE', ARGV[3], 'RETRYCOUNT', n,
+             'JUSTID')
+end
+return 1
+"""
+
 _INT = ("seq", "seed", "step", "total_steps")
 _FLOAT = ("enqueued_at", "started_at", "completed_at")
 
@@ -116,8 +165,11 @@ def _decode(h: dict[bytes, bytes]) -> dict[str, Any] | None:
 
 
 class RedisStore:
-    """The :class:`~wanlite.server.store.Store` interface on Redis, plus :meth:`touch` and a
-    ``consumer`` name per worker process."""
+    """The :class:`~wanlite.server.store.Store` interface on Redis, plus :meth:`touch`,
+    :meth:`poll`, events (:meth:`publish_event`), the worker registry, and a ``consumer`` name
+    per worker process."""
+
+    shared = True  # other processes use it too: poll for cancels, keep claims fresh
 
     def __init__(self, url: str, consumer: str | None = None, **kw: Any):
         import redis
@@ -130,6 +182,8 @@ class RedisStore:
         self._claim = self.r.register_script(_CLAIM)
         self._finish = self.r.register_script(_FINISH)
         self._cancel = self.r.register_script(_CANCEL)
+        self._touch = self.r.register_script(_TOUCH)
+        self._requeue = self.r.register_script(_REQUEUE)
         try:
             self.r.xgroup_create(QUEUE, GROUP, id="0", mkstream=True)
         except redis.ResponseError as e:  # BUSYGROUP: it exists (another process made it)
@@ -161,9 +215,14 @@ class RedisStore:
                 }
             )
         keys = [P + "queued", P + "seq", P + "index", QUEUE, P + "gen:"]
-        if self._enqueue(keys=keys, args=[max_queued, *map(json.dumps, rows)]) < 0:
+        seqs = self._enqueue(keys=keys, args=[max_queued, *map(json.dumps, rows)])
+        if seqs == -1:
             raise QueueFull(f"the queue is full ({max_queued} places); retry later")
-        return [self.get(row["id"]) for row in rows]
+        # the rows as enqueued (a worker waiting for work may have claimed them already)
+        return [
+            _decode({k.encode(): str(v).encode() for k, v in {**row, "seq": seq}.items()})
+            for row, seq in zip(rows, seqs, strict=True)
+        ]
 
     def _next_entry(self, block_ms: int) -> tuple[str, str, int] | None:
         """(entry id, generation id, deliveries): a dead worker's entry first, else a new one."""
@@ -200,7 +259,13 @@ class RedisStore:
             return None
         if row["status"] == "processing":  # its worker died: run it again, a bounded number
             if deliveries > self.max_attempts:
-                self.finish(gen_id, "failed", error_message=DIED.format(n=deliveries - 1))
+                message = DIED.format(n=deliveries - 1)
+                done = self._end(gen_id, "failed", error_message=message, consumer="")
+                if done is not None and done["status"] == "failed":
+                    from .worker import terminal_events
+
+                    for name, data in terminal_events(done):
+                        self.publish_event(name, data)
                 return None
             self.r.hset(P + "gen:" + gen_id, mapping={"status": "queued"})
         seed = row["seed"] if row["seed"] is not None else pick_seed()
@@ -209,11 +274,22 @@ class RedisStore:
             return None
         return self.get(gen_id)
 
-    def touch(self, gen_id: str) -> None:
-        """Keep this worker's claim on a running job fresh (else it is taken over)."""
-        entry = self.r.hget(P + "gen:" + gen_id, "entry")
-        if entry:
-            self.r.xclaim(QUEUE, GROUP, self.consumer, 0, [entry], justid=True)
+    def touch(self, gen_id: str) -> bool:
+        """Keep this worker's claim on a running job fresh (else it is taken over); False if
+        the job is no longer this worker's (ended, deleted, or taken over)."""
+        return bool(self._touch(keys=[P + "gen:" + gen_id, QUEUE], args=[self.consumer]))
+
+    def poll(self, gen_id: str) -> str | None:
+        """Why this worker must stop ``gen_id`` (``"cancelled"``, ``"deleted"``, ``"lost"``: taken
+        over by another worker), or None to go on."""
+        status, cancel, worker = self.r.hmget(
+            P + "gen:" + gen_id, "status", "cancel_requested", "worker"
+        )
+        if status is None:
+            return "deleted"
+        if status != b"processing" or worker != self.consumer.encode():
+            return "lost"
+        return "cancelled" if cancel == b"1" else None
 
     def progress(self, gen_id: str, step: int) -> None:
         key = P + "gen:" + gen_id
@@ -222,14 +298,28 @@ class RedisStore:
         self.touch(gen_id)
 
     def finish(self, gen_id, status, *, result_file=None, error_message=None, metrics=None):
+        """End this worker's ``processing`` job; returns the row as it is now (None if deleted;
+        unchanged, e.g. another worker's, if it was not this worker's job to end)."""
+        return self._end(gen_id, status, result_file, error_message, metrics, self.consumer)
+
+    def _end(self, gen_id, status, result_file=None, error_message=None, metrics=None,
+             consumer=""):  # fmt: skip
         assert status in TERMINAL
         keys = [P + "gen:" + gen_id, P + "finished", QUEUE]
         args = [status, repr(time.time()), result_file or "", error_message or ""]
-        self._finish(keys=keys, args=[*args, json.dumps(metrics) if metrics else ""])
+        self._finish(keys=keys, args=[*args, json.dumps(metrics) if metrics else "", consumer])
         return self.get(gen_id)
 
     def requeue(self, gen_id: str) -> None:
-        raise NotImplementedError("clean-shutdown requeue on Redis: not built yet")
+        """Clean stop: this worker's running job goes back to the queue, first in line for the
+        next worker, without counting as a delivery."""
+        row = self.get(gen_id)
+        if row is None:
+            return
+        seed = row["params"].get("seed")
+        keys = [P + "gen:" + gen_id, P + "queued", QUEUE]
+        idle = int(max(self.claim_timeout, 1.0) * 1000) * 1000  # far past any claim timeout
+        self._requeue(keys=keys, args=[self.consumer, "" if seed is None else seed, idle])
 
     def fail_queued(self, error_message: str) -> list[dict[str, Any]]:
         return []  # one worker failing to load leaves the queue to the others
@@ -244,6 +334,9 @@ class RedisStore:
         if row is not None:
             pipe = self.r.pipeline()
             pipe.delete(P + "gen:" + gen_id)
+            if row["status"] == "processing" and row.get("entry"):  # its worker stops, sees it gone
+                pipe.xack(QUEUE, GROUP, row["entry"])
+                pipe.xdel(QUEUE, row["entry"])
             for key in ("index", "finished"):
                 pipe.zrem(P + key, gen_id)
             pipe.srem(P + "queued", gen_id)
@@ -283,3 +376,65 @@ class RedisStore:
     def finished_since(self, since: float) -> list[dict[str, Any]]:
         ids = self.r.zrangebyscore(P + "finished", since, "+inf")
         return [row for row in (self.get(i.decode()) for i in ids) if row is not None]
+
+    # -- events and workers ------------------------------------------------------------------
+    def publish_event(self, name: str, data: dict[str, Any]) -> None:
+        """Send an event to every API process (see :func:`relay_events`)."""
+        self.r.publish(EVENTS, json.dumps({"name": name, "data": data}))
+
+    def announce(self, state: str, error: str | None = None) -> None:
+        """Announce this worker's state (loading, ready, failed) for :data:`WORKER_FRESH` s."""
+        value = json.dumps({"state": state, "error": error, "at": time.time()})
+        self.r.hset(WORKERS, self.consumer, value)
+
+    def retire(self) -> None:
+        self.r.hdel(WORKERS, self.consumer)
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """The workers announced in the last :data:`WORKER_FRESH` seconds (stale ones are
+        removed)."""
+        now, out = time.time(), {}
+        for name, value in self.r.hgetall(WORKERS).items():
+            info = json.loads(value)
+            if now - info["at"] > WORKER_FRESH:
+                self.r.hdel(WORKERS, name)
+            else:
+                out[name.decode()] = info
+        return out
+
+
+class RedisBus:
+    """What a worker publishes to (``publish(name, data)``), here Redis pub/sub; a failure to
+    publish is logged, never raised into the job."""
+
+    def __init__(self, store: RedisStore):
+        self.store = store
+
+    def publish(self, name: str, data: dict[str, Any]) -> None:
+        try:
+            self.store.publish_event(name, data)
+        except Exception:  # noqa: BLE001 - Redis away: the state is in the hashes anyway
+            log.warning("event not published", extra={"fields": {"event": name}})
+
+
+def relay_events(url: str, hub, stop) -> None:
+    """Run until ``stop`` (a ``threading.Event``) is set: every event published on Redis goes
+    to ``hub.publish`` (thread-safe).  Reconnects after a Redis restart."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    while not stop.is_set():
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(EVENTS)
+            while not stop.is_set():
+                msg = pubsub.get_message(timeout=0.5)
+                if msg is not None and msg["type"] == "message":
+                    event = json.loads(msg["data"])
+                    hub.publish(event["name"], event["data"])
+        except redis.RedisError as e:
+            log.warning("event relay: Redis unreachable", extra={"fields": {"error": str(e)}})
+            stop.wait(1.0)
+        finally:
+            pubsub.close()
+    client.close()

@@ -86,6 +86,8 @@ class QueueFull(Exception):
 
 
 class Store:
+    shared = False  # one process: cancels reach the worker in memory, no claims to refresh
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,17 @@ Design
   step, or at the next decoded chunk (``on_decode``) once decoding has started.
 * A clean shutdown stops the running generation at its next step and puts it back in the queue
   (it runs again after restart); a crash leaves it ``processing``, which the store's recovery
-  turns into ``failed`` with a clear message.
+  turns into ``failed`` with a clear message (SQLite), or which another worker takes over once
+  the claim goes stale (Redis).
+* On a shared store (Redis: ``store.shared``) a heartbeat thread runs beside the model thread:
+  it keeps the running job's claim fresh (``store.touch``, decode included), polls the store
+  for a cancel or delete made by any API process (``store.poll``: the step callback only
+  reads a flag), notices a job taken over by another worker, and announces this worker's
+  state (``store.announce``) for the readiness of HTTP-only processes.
+* :class:`JobControl` is what the HTTP side calls (cancel, delete, state): :class:`Worker`
+  when the model runs in this process, :class:`RemoteWorkers` for ``--workers 0`` (no model,
+  readiness from the workers' announcements).  Events go to ``hub``: the local
+  :class:`EventHub`, or on Redis a bus to every API process.
 * :class:`EventHub` fans events out to subscribers (SSE streams, waiting sync requests): the
   worker thread publishes through ``loop.call_soon_threadsafe``; each subscriber owns an
   ``asyncio.Queue``.  Events are ``(name, data)`` with data a JSON-able dict; result URLs in
@@ -128,42 +138,35 @@ class _CancelRequested(Exception):
     pipeline stops on any exception from its callback, as with ``wanlite.pipeline.Cancelled``)."""
 
 
-class Worker:
-    def __init__(
-        self,
-        store: Store,
-        results_dir: Path,
-        loader: Callable[[], Any],
-        hub: EventHub,
-        previews: int = 0,
-    ):
+class JobControl:
+    """Cancel and delete, for the HTTP side, wherever the job runs; alone (no model) it is the
+    base of :class:`RemoteWorkers`."""
+
+    state = "ready"
+    load_error: str | None = None
+
+    def __init__(self, store: Store, results_dir: Path, hub) -> None:
         self.store = store
         self.results_dir = Path(results_dir)
-        self.loader = loader
-        self.hub = hub
-        self.previews = previews  # a preview in the progress event every N steps; 0 = none
-        self.state = "loading"  # loading | ready | failed
-        self.load_error: str | None = None
-        self.load_seconds: float | None = None
-        self.pipe = None
-        self.current: str | None = None
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self.hub = hub  # anything with publish(name, data): EventHub, or the Redis bus
         self._cancel: set[str] = set()
-        self._thread = threading.Thread(target=self._main, name="wanlite-worker", daemon=True)
 
-    # -- called from the HTTP side ----------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        pass
 
     def notify(self) -> None:
         """New work was queued."""
-        self._wake.set()
+
+    def interrupt(self) -> None:
+        pass
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        return True
 
     def cancel(self, gen_id: str) -> tuple[dict[str, Any] | None, str]:
         row, outcome = self.store.cancel(gen_id)
         if outcome == "requested":
-            self._cancel.add(gen_id)
+            self._cancel.add(gen_id)  # here; a worker elsewhere sees the store's flag
         elif outcome == "cancelled":
             log.info("generation cancelled", extra={"fields": {"generation_id": gen_id}})
             for name, data in terminal_events(row):
@@ -187,18 +190,152 @@ class Worker:
         log.info("generation deleted", extra={"fields": {"generation_id": gen_id}})
         return row
 
+
+class RemoteWorkers(JobControl):
+    """``--workers 0``: the HTTP side alone.  Ready when a worker process announced ``ready``
+    in the store recently; ``failed`` when every live worker failed to load."""
+
+    _cached: tuple[float, str, str | None] = (0.0, "loading", None)
+
+    def _status(self) -> tuple[str, str | None]:
+        at, state, error = self._cached
+        if time.monotonic() - at > 1.0:
+            try:
+                live = list(self.store.workers().values())
+                states = [w["state"] for w in live]
+                errors = [w["error"] for w in live if w["error"]]
+            except Exception as e:  # noqa: BLE001 - the store is away: not ready
+                states, errors = [], [f"the job store is unreachable: {type(e).__name__}"]
+            if "ready" in states:
+                state, error = "ready", None
+            elif states and all(s == "failed" for s in states):
+                state, error = "failed", errors[0] if errors else None
+            else:
+                state = "loading"
+                error = None if states else (errors or ["no worker is connected yet"])[0]
+            self._cached = (time.monotonic(), state, error)
+        return state, error
+
+    @property
+    def state(self) -> str:  # type: ignore[override]
+        return self._status()[0]
+
+    @property
+    def load_error(self) -> str | None:  # type: ignore[override]
+        return self._status()[1]
+
+
+def load_model(model: str, options: dict, threads: int = 0):
+    """``wanlite.load(model, **options)`` with ``threads`` torch threads (0: torch's default)."""
+    import wanlite
+
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    return wanlite.load(model, **options)
+
+
+class Worker(JobControl):
+    def __init__(
+        self,
+        store: Store,
+        results_dir: Path,
+        loader: Callable[[], Any],
+        hub,
+        previews: int = 0,
+    ):
+        super().__init__(store, results_dir, hub)
+        self.loader = loader
+        self.previews = previews  # a preview in the progress event every N steps; 0 = none
+        self.state = "loading"  # loading | ready | failed
+        self.load_error: str | None = None
+        self.load_seconds: float | None = None
+        self.pipe = None
+        self.current: str | None = None
+        self._why: dict[str, str] = {}  # gen_id -> why the heartbeat stopped it
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._done = threading.Event()  # the model thread has ended
+        self._thread = threading.Thread(target=self._main, name="wanlite-worker", daemon=True)
+        self._beat: threading.Thread | None = None
+        if store.shared:
+            self._beat = threading.Thread(target=self._heartbeat, name="wanlite-beat", daemon=True)
+
+    # -- called from the HTTP side ----------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        if self._beat is not None:
+            self._beat.start()
+
+    def notify(self) -> None:
+        """New work was queued."""
+        self._wake.set()
+
     def interrupt(self) -> None:
         """Ask the thread to stop (signal-safe, returns at once): a running job stops at its
         next step and goes back to the queue."""
         self._stop.set()
         self._wake.set()
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop the thread (a running job goes back to the queue); True if it has ended."""
         self.interrupt()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        return not self._thread.is_alive()
+        ended = not self._thread.is_alive()
+        if ended and self._beat is not None:
+            self._done.set()
+            self._beat.join(timeout)
+            with contextlib.suppress(Exception):
+                self.store.retire()
+        return ended
+
+    def _finish(self, gen_id, status, result_file, error, metrics) -> dict[str, Any] | None:
+        """``store.finish``; a shared store that is away is retried for a few seconds (after
+        that the job is left to be taken over and run again)."""
+        for attempt in range(6 if self.store.shared else 1):
+            try:
+                return self.store.finish(
+                    gen_id, status, result_file=result_file, error_message=error, metrics=metrics
+                )
+            except Exception:
+                if attempt == 5 or not self.store.shared:
+                    raise
+                self._stop.wait(1.0)
+        return None  # unreachable
+
+    @property
+    def _me(self) -> str | None:
+        return getattr(self.store, "consumer", None)
+
+    # -- the heartbeat (shared stores) -------------------------------------------------------
+    def _heartbeat(self) -> None:
+        period = min(0.25, self.store.claim_timeout / 8)
+        touch_every = max(period, self.store.claim_timeout / 5)
+        announced = touched = 0.0
+        while not self._done.is_set():
+            try:
+                now = time.monotonic()
+                if now - announced >= 2.0:
+                    self.store.announce(self.state, self.load_error)
+                    announced = now
+                gen_id = self.current
+                if gen_id is not None:
+                    why = self.store.poll(gen_id)
+                    if why is not None and gen_id == self.current:
+                        self._why[gen_id] = why
+                        self._cancel.add(gen_id)
+                    elif now - touched >= touch_every:
+                        self.store.touch(gen_id)
+                        touched = now
+            except Exception as e:  # noqa: BLE001 - the store is away for a while: go on
+                log.warning("heartbeat failed", extra={"fields": {"error": str(e)}})
+                self._done.wait(1.0)
+            self._done.wait(period)
 
     # -- the thread -------------------------------------------------------------------------
     def _main(self) -> None:
@@ -212,6 +349,7 @@ class Worker:
             for row in self.store.fail_queued(f"the model failed to load: {self.load_error}"):
                 for name, data in terminal_events(row):
                     self.hub.publish(name, data)
+            self._thread_ended()
             return
         self.load_seconds = time.perf_counter() - t0
         self.state = "ready"
@@ -220,16 +358,28 @@ class Worker:
             try:
                 row = self.store.claim_next(lambda: secrets.randbelow(2**32))
                 if row is None:
-                    self._wake.wait(1.0)
-                    self._wake.clear()
+                    if not self.store.shared:  # Redis's claim_next waited for work already
+                        self._wake.wait(1.0)
+                        self._wake.clear()
                     continue
                 self._run(row)
             except Exception:  # noqa: BLE001 - e.g. a full disk: log, wait, go on
                 log.exception("worker error")
+                self.current = None  # no heartbeat for a job left behind: it is taken over
                 self._stop.wait(1.0)
+        self._thread_ended()
+
+    def _thread_ended(self) -> None:
+        if self._beat is None:
+            return
+        with contextlib.suppress(Exception):  # announce the end now (a failed load stays shown)
+            self.store.announce(self.state, self.load_error)
 
     def _run(self, row: dict[str, Any]) -> None:
         gen_id = row["id"]
+        if self.store.shared:  # a flag left from an earlier run of this id (a lost claim)
+            self._cancel.discard(gen_id)
+            self._why.pop(gen_id, None)
         self.current = gen_id
         fields = {**row["params"], "generation_id": gen_id, "seed": row["seed"]}
         log.info("generation started", extra={"fields": fields})
@@ -250,7 +400,12 @@ class Worker:
 
         def callback(step: int, total_: int, latents) -> None:
             stop_if_asked()
-            self.store.progress(gen_id, step + 1)
+            try:
+                self.store.progress(gen_id, step + 1)
+            except Exception as e:  # shared store away for a moment: the job goes on
+                if not self.store.shared:
+                    raise
+                log.warning("progress not stored", extra={"fields": {"error": str(e)}})
             event = {**event_data(row), "step": step + 1, "total": total_}
             if "url" in previews:
                 event["preview"] = previews.pop("url")
@@ -281,15 +436,20 @@ class Worker:
             log.exception("generation failed", extra={"fields": {"generation_id": gen_id}})
         finally:
             self._cancel.discard(gen_id)
-        done = self.store.finish(
-            gen_id, status, result_file=result_file, error_message=error, metrics=metrics
-        )
+        if self._why.pop(gen_id, None) == "lost":  # another worker runs it now: hands off
+            self.current = None
+            log.warning("generation taken over", extra={"fields": {"generation_id": gen_id}})
+            return
+        done = self._finish(gen_id, status, result_file, error, metrics)
         self.current = None
         if done is None:  # deleted while running (Worker.delete): its file goes too
             self._cancel.discard(gen_id)
             if result_file:
                 (self.results_dir / result_file).unlink(missing_ok=True)
             return
+        if done["status"] != status or done.get("worker", self._me) != self._me:
+            log.warning("generation taken over", extra={"fields": {"generation_id": gen_id}})
+            return  # not this worker's to end any more (its file, the same video, stays)
         seconds = round(time.perf_counter() - t0, 3)
         log.info(
             "generation finished",
