@@ -205,9 +205,11 @@
     return { value: num, error: out ? msg : undefined };
   }
 
-  function showFieldError(name, message) {
+  function showFieldError(name, message, source = "page") {
     const input = state.inputs.get(name);
-    $(`#${input.id}-error`).textContent = message || "";
+    const el = $(`#${input.id}-error`);
+    el.textContent = message || "";
+    el.dataset.source = source; // the page's own check, or the server's 400
     if (message) input.setAttribute("aria-invalid", "true");
     else input.removeAttribute("aria-invalid");
   }
@@ -255,7 +257,7 @@
 
   function showSubmitError(e) {
     if (e.param && state.inputs.has(e.param)) {
-      showFieldError(e.param, e.message);
+      showFieldError(e.param, e.message, "server");
       state.inputs.get(e.param).focus();
     } else {
       $("#form-error").textContent = e.message || String(e);
@@ -335,7 +337,9 @@
       cancel.disabled = true;
       cancel.textContent = "Cancelling…";
     }
-    $(".job-progress", li).hidden = status === "queued" || status === "succeeded";
+    const stopped = status === "failed" || status === "cancelled"; // show where it stopped
+    const started = Number(li.dataset.step || 0) > 0;
+    $(".job-progress", li).hidden = !(status === "processing" || (stopped && started));
     if (!active) preview.hidden = true;
     $(".job-error", li).textContent = status === "succeeded" ? "" : data.error_message || "";
     if (status === "succeeded" && data.result_url) showResult(li, data);
