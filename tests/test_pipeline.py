@@ -228,3 +228,30 @@ def test_on_decode_sees_every_chunk_and_can_stop_the_decode(tiny_pipe):
 
     with pytest.raises(Cancelled):
         tiny_pipe.generate("x", on_decode=stop, **kw)
+
+
+@pytest.mark.parametrize("linear", ["aten", "onednn"])
+def test_bf16_frames_match_diffusers_as_documented(tiny_checkpoint, linear):
+    """dtype bf16 (what "auto" picks on CPUs with AMX / AVX512-BF16) against diffusers loaded
+    as its Wan docs load it (bf16 transformer and text encoder, fp32 VAE): frames >= 40 dB."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    import wanlite
+
+    kw = dict(height=64, width=64, num_frames=5, num_inference_steps=2, guidance_scale=5.0)
+    prompt, seed = "a red fox running through snow, cinematic", 42
+    vae = AutoencoderKLWan.from_pretrained(
+        str(tiny_checkpoint), subfolder="vae", dtype=torch.float32
+    )
+    ref_pipe = WanPipeline.from_pretrained(str(tiny_checkpoint), vae=vae, dtype=torch.bfloat16)
+    ref_pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    ref = ref_pipe(prompt=prompt, negative_prompt=" ", generator=gen, output_type="np", **kw)
+    ref = (np.asarray(ref.frames[0], dtype=np.float64) * 255).round()
+    pipe = wanlite.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16", linear=linear,
+                        embed_cache=False)  # fmt: skip
+    ours = pipe.generate(prompt, seed=seed, progress=False, **kw).frames.astype(np.float64)
+    mse = np.mean((ours - ref) ** 2)
+    psnr = 10 * np.log10(255**2 / max(mse, 1e-12))
+    print(f"bf16 ({linear}) vs diffusers bf16 as documented: PSNR {psnr:.1f} dB")
+    assert ours.shape == ref.shape and psnr >= 40
