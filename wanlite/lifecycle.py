@@ -296,7 +296,7 @@ def components(path, cfg, options, device, dtype) -> dict[str, Component]:
             _renamed(source, "vae", lambda k: vae_mod.from_diffusers_key(k, cfg.vae)),
             store=source.store("vae"),
             device=device,
-            dtype=torch.float32,  # the VAE always runs in fp32
+            dtype=options.resolve_vae_dtype(),
         ),
     }
     if options.lora:  # every file and shape is checked now, before any generation work

@@ -26,7 +26,8 @@ class Options:
     dtype: compute dtype of the DiT and the text encoder; "auto" = bf16 where the hardware
         multiplies bf16 natively, else fp32 on CPU (bf16 is emulated, slower than fp32, on CPUs
         without AMX-BF16 / AVX512-BF16) and fp16 on CUDA (GPUs before sm80 have no bf16 units);
-        see ``cpu_bf16_feature`` and ``cuda_auto_dtype``.  The VAE always computes in fp32.
+        see ``cpu_bf16_feature`` and ``cuda_auto_dtype``.
+    vae_dtype: the VAE's, fp32 by default (see ``resolve_vae_dtype``).
     attention: attention backend name, or "auto" (see ``wanlite.attention``).
     quant / offload / max_memory / vae_tiling / embed_cache: memory (see README "Low memory").
     cfg_batch: run the conditional and unconditional passes as one batch of 2 ("on"), as two
@@ -47,6 +48,8 @@ class Options:
     decoder / tae: "vae" (the full VAE) or "taew2_1" (the tiny VAE, ``wanlite.taehv``: much
         faster, lower quality); ``tae`` the path of its ``taew2_1.pth`` / ``.safetensors``,
         needed for "taew2_1" and, if given, also used for live previews.
+    parallel: "cfg=2,ulysses=2" (``parse_parallel``): the two guidance passes on two ranks and/or
+        Ulysses sequence parallel over the DiT's heads, under torchrun (``wanlite.parallel``).
     """
 
     device: str = "auto"
@@ -68,8 +71,10 @@ class Options:
     shift: float | None = None
     timesteps: tuple[float, ...] | None = None
     preset: str | None = None
+    vae_dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
     decoder: str = "vae"  # "vae" | "taew2_1"
     tae: str | None = None  # path of taew2_1.pth / .safetensors
+    parallel: str | None = None  # "cfg=2,ulysses=2" under torchrun (see wanlite.parallel)
 
     def __post_init__(self):
         object.__setattr__(self, "lora", tuple(parse_lora(x) for x in self.lora or ()))
@@ -78,6 +83,8 @@ class Options:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             choices = ["auto", *sorted(_DTYPES)]
             raise ValueError(f"dtype must be one of {choices}, got {self.dtype!r}")
+        if self.vae_dtype not in _DTYPES:
+            raise ValueError(f"vae_dtype must be one of {sorted(_DTYPES)}, got {self.vae_dtype!r}")
         for name, allowed in (
             ("quant", ("none", "int8", "fp8")),
             ("offload", ("none", "model", "blocks", "auto")),
@@ -107,6 +114,10 @@ class Options:
             raise ValueError("decoder 'taew2_1' needs tae: the path of taew2_1.pth/.safetensors")
         if self.tae is not None:
             object.__setattr__(self, "tae", str(self.tae))
+        if self.parallel is not None:  # normalised: "cfg=C,ulysses=U", or None for 1 x 1
+            cfg, ulysses = parse_parallel(self.parallel)
+            text = f"cfg={cfg},ulysses={ulysses}" if cfg * ulysses > 1 else None
+            object.__setattr__(self, "parallel", text)
 
     def resolve_device(self):
         import torch
@@ -137,6 +148,13 @@ class Options:
             name, why = "float32", f"device type {device.type!r}"
         log.info("dtype (auto) on %s: %s (%s)", device, name, why)
         return getattr(torch, name)
+
+    def resolve_vae_dtype(self):
+        """The VAE's dtype: fp32 unless asked (as diffusers' Wan docs run it).  bf16 is about
+        twice as fast on CPUs with AMX, at a measured cost in fidelity (README)."""
+        import torch
+
+        return getattr(torch, _DTYPES[self.vae_dtype])
 
 
 # --- "auto" dtype from the hardware -------------------------------------------------------------
@@ -232,11 +250,43 @@ def parse_timesteps(value) -> tuple[float, ...]:
     return out
 
 
+PARALLEL_AXES = ("cfg", "ulysses")  # diffusers / SGLang names; "ring" is not implemented
+
+
+def parse_parallel(value) -> tuple[int, int]:
+    """``"cfg=2,ulysses=2"`` (or a dict of the same; an axis left out is 1) -> ``(cfg, ulysses)``.
+    cfg is 1 or 2 (the two guidance passes); the ulysses degree must also divide the DiT's head
+    count, which ``wanlite.parallel`` checks against the checkpoint."""
+    if isinstance(value, dict):
+        items = list(value.items())
+    else:
+        parts = [p.strip() for p in str(value).split(",") if p.strip()]
+        items = [tuple(x.strip() for x in p.partition("=")[::2]) for p in parts]
+    degrees = {}
+    for name, degree in items:
+        ok = name in PARALLEL_AXES and name not in degrees
+        try:
+            degree = int(degree)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok or isinstance(degree, bool) or degree < 1:
+            raise ValueError(
+                f"parallel must look like 'cfg=2,ulysses=2' (axes {PARALLEL_AXES}, each "
+                f"once, degrees >= 1), got {value!r}"
+            )
+        degrees[name] = degree
+    cfg, ulysses = degrees.get("cfg", 1), degrees.get("ulysses", 1)
+    if cfg > 2:
+        raise ValueError(f"parallel cfg degree must be 1 or 2 (two guidance passes), got {cfg}")
+    return cfg, ulysses
+
+
 # (option name, argparse type, help).  Each becomes ``--name-with-dashes``; defaults come from
 # ``Options``.  A bool option is a store_true flag.
 FLAGS: tuple[tuple[str, type, str], ...] = (
     ("device", str, "auto | cpu | cuda[:N]"),
     ("dtype", str, "auto | float32 | bfloat16 | float16"),
+    ("vae_dtype", str, "float32 | bfloat16 (faster decode, not exact; see README)"),
     ("attention", str, "auto | sdpa | math | flash_attn | sage | xformers"),
     ("quant", str, "none | int8 | fp8 (DiT and umT5 blocks)"),
     ("offload", str, "auto | none | model | blocks"),
@@ -254,6 +304,7 @@ FLAGS: tuple[tuple[str, type, str], ...] = (
     ("timesteps", str, "a fixed timestep list for flow Euler, e.g. 1000,934,862,756"),
     ("decoder", str, "vae | taew2_1 (the tiny VAE: fast, lower quality; needs --tae)"),
     ("tae", str, "path of taew2_1.pth/.safetensors (the tiny VAE; also used for previews)"),
+    ("parallel", str, "cfg=2,ulysses=2 under torchrun: CFG / sequence parallel (cfg*ulysses)"),
 )
 
 

@@ -75,13 +75,12 @@ def iter_decode_tiled(
             xs = slice(x * scale, x * scale + wt.shape[1])
             t = 0
             for chunk in vae.iter_decode(z[..., y : y + tile, x : x + tile]):
-                if out is None:
-                    out = chunk.new_zeros(
-                        chunk.shape[0], chunk.shape[1], frames, h * scale, w * scale
-                    )
-                    norm = chunk.new_zeros(h * scale, w * scale)
+                if out is None:  # fp32 sums whatever the VAE's dtype
+                    shape = (chunk.shape[0], chunk.shape[1], frames, h * scale, w * scale)
+                    out = torch.zeros(shape, device=chunk.device)
+                    norm = torch.zeros(h * scale, w * scale, device=chunk.device)
                 n = chunk.shape[2]
-                out[:, :, t : t + n, ys, xs] += chunk * wt.to(chunk)
+                out[:, :, t : t + n, ys, xs] += chunk.float() * wt.to(out)
                 t += n
             norm[ys, xs] += wt.to(norm)
     out /= norm
