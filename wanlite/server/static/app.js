@@ -386,7 +386,9 @@
     const r = await api(`api/ai/queue/${encodeURIComponent(id)}/cancel`, { method: "POST" });
     const body = await r.json().catch(() => null);
     if (r.ok) applyJob(body);
-    else if (r.status !== 409) $(".job-error", job.li).textContent = new HttpError(r.status, body).message;
+    else if (r.status !== 409) {
+      $(".job-error", job.li).textContent = new HttpError(r.status, body).message;
+    }
   }
 
   function reuseSeed(seed) {
