@@ -129,6 +129,25 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_model_options(p) -> None:
+    """The model process's flags, shared by ``serve`` and ``worker``."""
+    add_runtime_options(p)  # the same runtime flags as `wanlite generate`
+    p.add_argument(
+        "--threads", type=int, default=0, help="CPU threads for the model (default: torch's)"
+    )
+    p.add_argument("--log-level", default="info", help="debug | info | warning | error")
+    p.add_argument(
+        "--previews",
+        type=int,
+        nargs="?",
+        const=5,
+        default=0,
+        metavar="EVERY",
+        help="progress events carry a small JPEG data URL of the current prediction every "
+        "EVERY steps (--previews alone: 5; default off)",
+    )
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``serve`` to ``subparsers`` (from ``ArgumentParser.add_subparsers``).  Light: it
     imports neither FastAPI nor torch, so ``wanlite --help`` works without the server extra."""
@@ -177,21 +196,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "(default: the address the client connected to)",
     )
     _add_guard_options(p)
-    add_runtime_options(p)  # the same runtime flags as `wanlite generate`
-    p.add_argument(
-        "--threads", type=int, default=0, help="CPU threads for the model (default: torch's)"
-    )
-    p.add_argument("--log-level", default="info", help="debug | info | warning | error")
-    p.add_argument(
-        "--previews",
-        type=int,
-        nargs="?",
-        const=5,
-        default=0,
-        metavar="EVERY",
-        help="progress events carry a small JPEG data URL of the current prediction every "
-        "EVERY steps (--previews alone: 5; default off)",
-    )
+    _add_model_options(p)
     return p
 
 
@@ -384,20 +389,7 @@ def add_worker_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--name", default=None, help="this worker's consumer name in Redis (default: random)"
     )
-    add_runtime_options(p)
-    p.add_argument(
-        "--threads", type=int, default=0, help="CPU threads for the model (default: torch's)"
-    )
-    p.add_argument("--log-level", default="info", help="debug | info | warning | error")
-    p.add_argument(
-        "--previews",
-        type=int,
-        nargs="?",
-        const=5,
-        default=0,
-        metavar="EVERY",
-        help="progress events carry a small JPEG preview every EVERY steps (default off)",
-    )
+    _add_model_options(p)
     return p
 
 
