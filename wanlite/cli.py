@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -201,6 +202,8 @@ def _generate(args) -> int:
     previews = _previews(args)
     pipe = load(args.model, preset=args.preset, **single_files(args), **runtime_options(args))
     video = pipe.generate(**params.to_dict(), progress=not args.quiet, save_to=out, **previews)
+    if pipe.parallel is not None and not pipe.parallel.main:
+        return 0  # under torchrun: rank 0 wrote the file and reports
     print(f"seed: {video.seed}")
     size = f"{params.num_frames} frames, {params.width}x{params.height}, {video.fps} fps"
     print(f"saved: {out} ({size})")
@@ -241,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         return server.run(args)
     if args.command == "worker":
         return server.run_worker(args)
-    quiet = getattr(args, "quiet", False)
+    # Under torchrun (--parallel) only rank 0 logs; the other ranks print errors only.
+    quiet = getattr(args, "quiet", False) or os.environ.get("RANK", "0") != "0"
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
         commands = {

@@ -344,11 +344,13 @@ class Block(nn.Module):
         body = self.compiled_body or Block._body
         return body(self, x, e0, kv, text.bias, rope, attn)
 
-    def _body(self, x: Tensor, e0: Tensor, kv, bias, rope, attn: AttnFn) -> Tensor:
+    def _body(self, x: Tensor, e0: Tensor, kv, bias, rope, attn) -> Tensor:
+        # attn: one function, or (self-attention's, cross-attention's) under sequence parallel
+        self_fn, cross_fn = attn if isinstance(attn, tuple) else (attn, attn)
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, 1)
-        y = self.self_attn.self_attention(_modulate(self.norm1, x, shift1, scale1), rope, attn)
+        y = self.self_attn.self_attention(_modulate(self.norm1, x, shift1, scale1), rope, self_fn)
         x = _gated_add(x, y, gate1)
-        y = self.cross_attn.cross_attention(_norm32(self.norm3, x).to(x.dtype), kv, bias, attn)
+        y = self.cross_attn.cross_attention(_norm32(self.norm3, x).to(x.dtype), kv, bias, cross_fn)
         x = x.add_(y)
         y = _chunked_ffn(self.ffn, _modulate(self.norm2, x, shift2, scale2), self.chunk)
         return _gated_add(x, y, gate2)
@@ -389,6 +391,10 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self._rope_cache: dict = {}
+        # Sequence parallel (``wanlite.parallel.SequenceParallel``), or None: each rank runs the
+        # blocks on its slice of the tokens; self-attention gathers the whole sequence for its
+        # share of the heads (all-to-all); the head's output is gathered back.
+        self.sp = None
 
     def grid(self, shape) -> tuple[int, int, int]:
         """Token grid (f, h, w) of a latent of shape [B, C, F, H, W]."""
@@ -427,8 +433,9 @@ class WanDiT(nn.Module):
 
     def run_blocks(self, x, e0, text: TextState, rope, start: int = 0, stop: int | None = None):
         """Blocks ``start`` to ``stop`` (exclusive; None = all) on the token stream x [B, L, D]."""
+        attn = self.attn if self.sp is None else self.sp.attention(self.attn)
         for i in range(start, len(self.blocks) if stop is None else stop):
-            x = self.blocks[i](x, e0, text, i, rope, self.attn)
+            x = self.blocks[i](x, e0, text, i, rope, attn)
         return x
 
     @torch.no_grad()
@@ -441,11 +448,14 @@ class WanDiT(nn.Module):
         rope = self.rope(grid, x.device)
         h = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
         h = h.flatten(2).transpose(1, 2).contiguous()
+        if self.sp is not None:  # this rank's tokens (padded to a multiple of the degree)
+            h, rope = self.sp.shard(h), self.sp.shard_rope(rope)
         if cache is None:
             h = self.run_blocks(h, e0, text, rope)
         else:
             h = cache(self, h, temb, text, rope)
-        return unpatchify(self.head(h, e), grid, self.cfg.patch_size)
+        out = self.head(h, e) if self.sp is None else self.sp.gather(self.head(h, e))
+        return unpatchify(out, grid, self.cfg.patch_size)
 
     @torch.no_grad()
     def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:

@@ -36,6 +36,7 @@ from .lifecycle import components
 from .loading import ModelSource, resolve_source
 from .memory import PeakMeter
 from .options import Options
+from .parallel import init_parallel
 from .params import GenerationParams, validate
 from .presets import get_preset, request_defaults
 from .preview import Crop, PreviewCallback, Previewer
@@ -102,8 +103,13 @@ class Pipeline:
                 f"preset {self.preset.name!r} sets the sampler: leave sampler and timesteps unset"
             )
         self.device = self.options.resolve_device()
-        self.dtype = self.options.resolve_dtype(self.device)
         self.cfg = self.source.config()
+        # parallel="cfg=2,ulysses=2" under torchrun: the process groups and this rank's device.
+        heads = self.cfg.dit.num_heads
+        self.parallel = init_parallel(self.options.parallel, self.device, heads)
+        if self.parallel is not None and self.device.type == "cuda":
+            self.device = self.parallel.device
+        self.dtype = self.options.resolve_dtype(self.device)
         self.tokenizer = Tokenizer.from_dir(self.source.tokenizer)
         meter = PeakMeter(self.device)
         t0 = time.perf_counter()
@@ -121,7 +127,7 @@ class Pipeline:
             )
             if self.options.offload == "none":
                 resident = planner.Placement("none", False, False, planner.Estimate(0, 0, 0))
-                for name in ("text_encoder", "transformer", "vae"):
+                for name in self._needed():
                     self._acquire(name, resident)
         self.load_seconds = time.perf_counter() - t0
         self.load_peak = meter.peaks["load"]
@@ -129,6 +135,13 @@ class Pipeline:
         self.stats: dict = {}
         # The tiny VAE (decoder="taew2_1", and previews when given): 40 MB in fp32, resident.
         self.tae = self._load_tae()
+
+    def _needed(self) -> tuple[str, ...]:
+        """The weight sets this process reads: under ``parallel`` only rank 0 encodes and
+        decodes (and broadcasts the results); every rank runs the DiT."""
+        if self.parallel is None or self.parallel.main:
+            return ("text_encoder", "transformer", "vae")
+        return ("transformer",)
 
     def _acquire(self, name: str, place: planner.Placement) -> torch.nn.Module:
         # The umT5's token embedding (256k x 4096: 4 GiB in fp32) is never read whole: a prompt
@@ -225,9 +238,15 @@ class Pipeline:
         timesteps, state, num_steps = sampler.timesteps, sampler.state, sampler.num_steps
         latents = latents.to(self.device)
         dit = self._acquire("transformer", place)
-        branches = Branches(dit, contexts, lengths, o.cache, o.cache_threshold)
+        par = self.parallel
+        if par is not None:  # sequence-parallel hook; previews on rank 0 only
+            par.attach(dit)
+            preview, sent = (preview if par.main else None), par.sent
+        branches = Branches(dit, contexts, lengths, o.cache, o.cache_threshold, par)
         cfg = len(lengths) == 2
         batched = cfg and place.cfg_batched
+        if par is not None:  # the same forwards on every rank; CFG-parallel splits the pair
+            batched = cfg and (par.cfg == 2 or par.broadcast_object(batched))
         cfg_steps = num_steps - int(o.cfg_skip_last * num_steps) if cfg else 0
         self.stats = {"cfg_batched": batched, "cfg_steps": cfg_steps}
         # The time embeddings of the whole schedule, once: [steps, D] and [steps, 6, D] fp32.
@@ -250,6 +269,8 @@ class Pipeline:
             latents, state = sampler.step(state, pred.float(), latents)
             yield i, latents
         self.stats |= branches.counts()
+        if par is not None:
+            self.stats |= {"parallel": par.describe(), "comm_bytes": par.sent - sent}
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, place: planner.Placement) -> Iterator[torch.Tensor]:
@@ -306,6 +327,8 @@ class Pipeline:
         request = dict(prompt=prompt, height=height, width=width, negative_prompt=negative_prompt)
         request |= dict(num_inference_steps=num_inference_steps, num_frames=num_frames)
         p, seed, sampler = self.request(**request, guidance_scale=guidance_scale, seed=seed)
+        if self.parallel is not None:  # one seed (rank 0's draw), one progress bar
+            seed, progress = self.parallel.broadcast_object(seed), progress and self.parallel.main
         if output_type not in ("frames", "latent"):
             raise ValueError(f"output_type must be 'frames' or 'latent', got {output_type!r}")
         size = Plan.for_request(p, self.cfg)
@@ -324,16 +347,32 @@ class Pipeline:
             video = Video(empty, seed, params=p.to_dict(), latents=latents)
             if output_type == "frames":
                 with run.phase("decode"):
-                    self._decode_phase(video, latents, size, p, place, save_to, on_decode)
+                    if self.parallel is None or self.parallel.main:
+                        self._decode_phase(video, latents, size, p, place, save_to, on_decode)
+                    if self.parallel is not None:  # rank 0 decoded (and wrote): share that
+                        self._share_video(video, save_to is not None)
         finally:
             self._settle(place)
         return run.finish(video)
 
     def _encode_phase(self, p: GenerationParams, place: planner.Placement):
         texts = [p.prompt, p.negative_prompt] if p.guidance_scale > 1.0 else [p.prompt]
-        contexts, lengths = self.encode_texts(texts, place)
-        self._settle(place)
+        contexts = lengths = None
+        if self.parallel is None or self.parallel.main:
+            contexts, lengths = self.encode_texts(texts, place)
+            self._settle(place)
+        if self.parallel is not None:  # rank 0 read the umT5: the others get its embeddings
+            contexts = self.parallel.broadcast_tensor(contexts).to(self.device)
+            lengths = self.parallel.broadcast_object(lengths)
         return contexts.to(self.dtype), lengths
+
+    def _share_video(self, video: Video, saved: bool) -> None:
+        """Rank 0's decoded frames (or the path of the file it wrote) on every rank."""
+        if saved:
+            video.path = self.parallel.broadcast_object(video.path)
+        else:
+            main = self.parallel.main
+            video.frames = self.parallel.share_frames(video.frames if main else None)
 
     def request(self, **kw) -> tuple[GenerationParams, int, Sampler]:
         """The validated request (the preset's defaults for steps and guidance where they are
@@ -440,16 +479,24 @@ class Branches:
     "cond" and "uncond" run one prompt each; "both" runs them as one batch of 2.  Each is made
     on first use (so sequential CFG never builds the batched text, and the other way round)."""
 
-    def __init__(self, dit, contexts: torch.Tensor, lengths: list[int], cache: str, threshold):
+    def __init__(
+        self, dit, contexts: torch.Tensor, lengths: list[int], cache: str, threshold, parallel=None
+    ):
         self.dit, self.contexts, self.lengths = dit, contexts, lengths
         self.cache, self.threshold = cache, threshold
+        # CFG-parallel (``wanlite.parallel``): "both" runs this rank's pass and gathers the pair.
+        self.parallel = parallel
+        self.split = parallel is not None and parallel.cfg == 2
         self.state: dict[str, tuple] = {}
         self.forwards = self.skipped = 0
 
     def _make(self, name: str) -> tuple:
         rows = {"cond": slice(0, 1), "uncond": slice(1, 2), "both": slice(0, 2)}[name]
+        if name == "both" and self.split:
+            rows = slice(self.parallel.cfg_rank, self.parallel.cfg_rank + 1)
         text = self.dit.prepare_text(self.contexts[rows], self.lengths[rows])
-        return text, stepcache.make(self.cache, self.threshold)
+        make = stepcache.make if self.parallel is None else self.parallel.make_cache
+        return text, make(self.cache, self.threshold)
 
     def run(self, name: str, x: torch.Tensor, temb, last: bool) -> torch.Tensor:
         if name not in self.state:
@@ -457,12 +504,16 @@ class Branches:
         text, cache = self.state[name]
         width = 2 if name == "both" else 1  # branch forwards per call
         self.forwards += width
+        split = name == "both" and self.split
+        if split:
+            x = x[self.parallel.cfg_rank : self.parallel.cfg_rank + 1]
         if cache is None:
-            return self.dit.step(x, temb, text)
-        cache.last, skipped = last, cache.skipped
-        out = self.dit.step(x, temb, text, cache)
-        self.skipped += width * (cache.skipped - skipped)
-        return out
+            out = self.dit.step(x, temb, text)
+        else:
+            cache.last, skipped = last, cache.skipped
+            out = self.dit.step(x, temb, text, cache)
+            self.skipped += width * (cache.skipped - skipped)
+        return self.parallel.gather_cfg(out) if split else out
 
     def counts(self) -> dict[str, int]:
         """DiT forwards by branch (a batched pair counts 2), and how many the cache skipped."""
