@@ -204,6 +204,9 @@ def _generate(args) -> int:
     video = pipe.generate(**params.to_dict(), progress=not args.quiet, save_to=out, **previews)
     if pipe.parallel is not None and not pipe.parallel.main:
         return 0  # under torchrun: rank 0 wrote the file and reports
+    if "parallel" in video.stats:
+        sent = video.stats["comm_bytes"] / max(1, params.num_inference_steps) / 2**20
+        print(f"parallel {video.stats['parallel']}: {sent:.1f} MiB sent per step by rank 0")
     print(f"seed: {video.seed}")
     size = f"{params.num_frames} frames, {params.width}x{params.height}, {video.fps} fps"
     print(f"saved: {out} ({size})")
