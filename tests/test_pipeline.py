@@ -255,3 +255,22 @@ def test_bf16_frames_match_diffusers_as_documented(tiny_checkpoint, linear):
     psnr = 10 * np.log10(255**2 / max(mse, 1e-12))
     print(f"bf16 ({linear}) vs diffusers bf16 as documented: PSNR {psnr:.1f} dB")
     assert ours.shape == ref.shape and psnr >= 40
+
+
+def test_auto_packs_the_gemm_weights_only_when_it_pays(tiny_checkpoint, monkeypatch):
+    """linear="auto": packing costs about as much as many small forwards save, so a call packs
+    the resident DiT only when it runs enough token-forwards; a packed DiT stays packed."""
+    import wanlite
+    from wanlite import planner
+
+    monkeypatch.setattr(planner, "PACK_MIN_TOKEN_FORWARDS", 64)
+    pipe = wanlite.load(str(tiny_checkpoint), device="cpu", dtype="float32", embed_cache=False)
+    dit = pipe.components["transformer"]
+    small = dict(height=16, width=16, num_frames=1, num_inference_steps=1, guidance_scale=1.0)
+    pipe.generate("x", seed=0, progress=False, **small)  # 1 token x 1 forward
+    assert pipe.placement.offload == "none" and not pipe.placement.pack and not dit.packed
+    big = dict(height=64, width=64, num_frames=5, num_inference_steps=4)  # 32 tokens x 8
+    pipe.generate("x", seed=0, progress=False, **big)
+    assert pipe.placement.pack and dit.packed
+    pipe.generate("x", seed=0, progress=False, **small)
+    assert not pipe.placement.pack and dit.packed  # kept: its cost is paid

@@ -79,11 +79,12 @@ class Component:
         keep: Callable[[str], bool] = lambda n: False,
         fp32: Callable[[str], bool] = lambda n: False,
         aliases: dict[str, str] | None = None,
-        prepare: Callable[[nn.Module, bool], None] | None = None,
+        prepare: Callable[[nn.Module, bool, bool], bool] | None = None,
         store=None,
     ):
         self.name, self.build, self.device, self.dtype = name, build, device, dtype
-        self.prepare = prepare  # prepare(module, blocks_streamed) after each materialization
+        # prepare(module, blocks_streamed, pack) -> packed, after each materialization
+        self.prepare = prepare
         self.keep, self.fp32 = keep, fp32
         # ``store``: an open store (a single file, ``formats.MappedStore``) instead of the
         # folder's safetensors; anything with the TensorStore interface.
@@ -98,6 +99,8 @@ class Component:
         self.names = check_keys(self.store, skeleton, with_scales(from_key), aliases)
         self.module: nn.Module | None = None
         self.streamed = False  # how self.module was made: blocks streamed or resident
+        self.packed = False  # and whether its GEMM weights were packed (see ``prepare``)
+        self.packable = False  # set for the DiT when its GEMM weights can be packed
         self.streamer: BlockStreamer | None = None
         self._compact: dict[str, torch.Tensor] | None = None
         # LoRA (``wanlite.lora``): our parameter name -> fp32 delta of the same shape, or None.
@@ -178,10 +181,17 @@ class Component:
                 trim()
 
     # -- lifecycle --------------------------------------------------------------------------
-    def acquire(self, stream_blocks: bool = False, row_embedding: str | None = None) -> nn.Module:
+    def acquire(
+        self, stream_blocks: bool = False, row_embedding: str | None = None, pack: bool = True
+    ) -> nn.Module:
         """The module, resident (or with its blocks streamed).  A module made the other way
-        (streamed vs resident) is released and made again as asked."""
-        if self.module is not None and self.streamed == stream_blocks:
+        (streamed vs resident) is released and made again as asked.  ``pack``: resident DiT
+        blocks may have their GEMM weights packed (``prepare``); a module already packed is
+        kept even when a call would not pack (the cost is paid), an unpacked one is remade
+        when a call wants packing."""
+        wants_packing = pack and self.packable and not stream_blocks
+        made_as_asked = self.streamed == stream_blocks and (self.packed or not wants_packing)
+        if self.module is not None and made_as_asked:
             return self.module
         self.release()
         t0 = time.perf_counter()
@@ -205,7 +215,7 @@ class Component:
         state = {n: self.load(n, in_place).to(self.device) for n in names}
         assign(module, state)
         if self.prepare is not None:
-            self.prepare(module, stream_blocks)
+            self.packed = self.prepare(module, stream_blocks, pack)
             if self._compact is not None:  # keep one copy of re-laid-out weights
                 for n, p in module.named_parameters():
                     if n in self._compact and not p.is_meta:
@@ -238,7 +248,7 @@ class Component:
             self.streamer.close()
             self.streamer = None
         self.module = self._compact = None
-        self.streamed = False
+        self.streamed = self.packed = False
         self.store.unmap()  # weights used in place are gone with the module
         trim()
 
@@ -287,7 +297,7 @@ def components(path, cfg, options, device, dtype) -> dict[str, Component]:
             quant=quant,
             keep=dit_quant_keep,
             fp32=dit_mod.keep_in_fp32,
-            prepare=lambda m, streamed: _prepare_dit(m, streamed, options, linear),
+            prepare=lambda m, streamed, pack: _prepare_dit(m, streamed, pack, options, linear),
         ),
         "vae": Component(
             "vae",
@@ -299,6 +309,7 @@ def components(path, cfg, options, device, dtype) -> dict[str, Component]:
             dtype=options.resolve_vae_dtype(),
         ),
     }
+    comps["transformer"].packable = linear == "onednn"  # each call decides (Placement.pack)
     if options.lora:  # every file and shape is checked now, before any generation work
         from .lora import LoraSet, dit_shapes
 
@@ -322,17 +333,20 @@ def _renamed(source: ModelSource, name: str, from_key: Callable[[str], str]):
     return (lambda k: k) if name in source.files else from_key
 
 
-def _prepare_dit(module: dit_mod.WanDiT, streamed: bool, options, linear: str) -> None:
-    """When the blocks are resident (streamed blocks are used as stored): their fp32 weights
-    packed for oneDNN (``linear="onednn"``, CPU), else fused q/k/v projections; torch.compile
-    of the repeated block when asked for."""
-    if not streamed and linear == "onednn":
+def _prepare_dit(module: dit_mod.WanDiT, streamed: bool, pack: bool, options, linear: str):
+    """When the blocks are resident (streamed blocks are used as stored): their weights packed
+    for oneDNN (``linear`` resolved to "onednn": CPU, fp32 / bf16) when the call asks for it,
+    else fused q/k/v projections; torch.compile of the repeated block when asked for.  Returns
+    whether the weights were packed."""
+    packed = not streamed and pack and linear == "onednn"
+    if packed:
         # A pre-quantized checkpoint's QLinear layers are left as they are (not nn.Linear).
         pack_linears(module.blocks, gelu_after=lambda name: name.endswith(".ffn.0"))
     elif not streamed:
         dit_mod.fuse_projections(module)
     if options.compile:
         dit_mod.compile_blocks(module)
+    return packed
 
 
 # --- pre-quantized checkpoints ("wanlite quantize") --------------------------------------------

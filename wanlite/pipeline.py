@@ -18,6 +18,7 @@ dropped.  The result always has exactly the requested height, width and frame co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -147,7 +148,8 @@ class Pipeline:
         # The umT5's token embedding (256k x 4096: 4 GiB in fp32) is never read whole: a prompt
         # needs only its own rows, read from the checkpoint on demand (exact, a few KB each).
         rows = "token_embedding" if name == "text_encoder" else None
-        return self.components[name].acquire(stream_blocks=place.streamed(name), row_embedding=rows)
+        comp = self.components[name]
+        return comp.acquire(place.streamed(name), row_embedding=rows, pack=place.pack)
 
     def _settle(self, place: planner.Placement) -> None:
         """Release what the placement does not keep: after each phase, and after a call that
@@ -156,7 +158,7 @@ class Pipeline:
             if not place.kept(name):
                 comp.release()
 
-    def place(self, size: Plan) -> planner.Placement:
+    def place(self, size: Plan, p: GenerationParams) -> planner.Placement:
         """The placement of one call, from the planner (logged)."""
         held = sum(c.resident_bytes() for c in self.components.values())
         place = planner.choose(
@@ -168,11 +170,15 @@ class Pipeline:
             held,
             t5_quant=self.components["text_encoder"].quant,
         )
+        if self.components["transformer"].packable and self.options.linear == "auto":
+            _, f, h, w = size.latent_shape
+            pt, ph, pw = self.cfg.dit.patch_size
+            forwards = p.num_inference_steps * (2 if p.guidance_scale > 1 else 1)
+            pays = planner.packing_pays((f // pt) * (h // ph) * (w // pw), forwards)
+            place = dataclasses.replace(place, pack=pays)
         log.info(
-            "offload=%s, tiled VAE=%s, CFG batched=%s, estimated peak %.2f GiB",
-            place.offload,
-            place.vae_tiled,
-            place.cfg_batched,
+            "offload=%s, tiled VAE=%s, CFG batched=%s, packed GEMMs=%s, estimated peak %.2f GiB",
+            *(place.offload, place.vae_tiled, place.cfg_batched, place.pack),
             place.estimate.peak / 2**30,
         )
         return place
@@ -316,9 +322,8 @@ class Pipeline:
 
         ``callback(step, total, latents)`` runs after every denoising step; raising
         :class:`Cancelled` (or any exception) from it stops the generation.
-        ``on_decode(frames_done, num_frames)`` runs after every decoded chunk (a latent frame:
-        1 or 4 video frames); raising from it stops the decode there.
-        ``output_type="latent"`` skips decoding and returns the final latents in ``.latents``.
+        ``on_decode(frames_done, num_frames)`` runs after every decoded chunk (1 or 4 frames);
+        raising from it stops the decode there.  ``output_type="latent"``: no decoding.
         ``save_to="out.mp4"`` streams the decoded frames to an MP4 as they are decoded
         (``video.frames`` is then empty and ``video.path`` names the file).
         ``on_preview(step, total, frames)`` with ``preview_every=k`` gets, every k steps, the
@@ -327,13 +332,12 @@ class Pipeline:
         request = dict(prompt=prompt, height=height, width=width, negative_prompt=negative_prompt)
         request |= dict(num_inference_steps=num_inference_steps, num_frames=num_frames)
         p, seed, sampler = self.request(**request, guidance_scale=guidance_scale, seed=seed)
-        if self.parallel is not None:  # one seed (rank 0's draw), one progress bar
-            seed, progress = self.parallel.broadcast_object(seed), progress and self.parallel.main
+        progress = progress and (self.parallel is None or self.parallel.main)  # one bar
         if output_type not in ("frames", "latent"):
             raise ValueError(f"output_type must be 'frames' or 'latent', got {output_type!r}")
         size = Plan.for_request(p, self.cfg)
         previewer = self._previewer(p, size, preview_every, on_preview)
-        place = self.placement = self.place(size)
+        place = self.placement = self.place(size, p)
         run = _Run(self)
         try:
             with run.phase("encode"):
@@ -389,6 +393,8 @@ class Pipeline:
                 o.sampler, self.cfg.scheduler, p.num_inference_steps, o.shift, o.timesteps
             )
         seed = p.seed if p.seed is not None else secrets.randbelow(2**32)
+        if self.parallel is not None:  # one seed on every rank: rank 0's draw
+            seed = self.parallel.broadcast_object(seed)
         log.info(
             "generating %dx%d, %d frames, %d steps (%s), guidance %g, seed %d",
             *(p.width, p.height, p.num_frames, p.num_inference_steps, sampler.kind),

@@ -384,8 +384,18 @@ class Worker(JobControl):
         fields = {**row["params"], "generation_id": gen_id, "seed": row["seed"]}
         log.info("generation started", extra={"fields": fields})
         self.hub.publish(PROGRESS, event_data(row))
+        t0 = time.perf_counter()
+        outcome = self._execute(row)
+        self.current = None
+        if outcome is not None:  # None: requeued at shutdown
+            self._conclude(gen_id, *outcome, seconds=round(time.perf_counter() - t0, 3))
 
-        def stop_if_asked(*_) -> None:  # after each step, and after each decoded chunk
+    def _hooks(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``generate``'s callbacks for ``row``: stop when asked (after each step and each
+        decoded chunk), store and publish progress, and previews when the server makes them."""
+        gen_id = row["id"]
+
+        def stop_if_asked(*_) -> None:
             if self._stop.is_set():
                 raise _Shutdown
             if gen_id in self._cancel:
@@ -411,15 +421,19 @@ class Worker(JobControl):
                 event["preview"] = previews.pop("url")
             self.hub.publish(PROGRESS, event)
 
-        shown = dict(preview_every=self.previews, on_preview=on_preview) if self.previews else {}
+        hooks = dict(callback=callback, on_decode=stop_if_asked)
+        if self.previews:
+            hooks |= dict(preview_every=self.previews, on_preview=on_preview)
+        return hooks
 
-        t0 = time.perf_counter()
+    def _execute(self, row: dict[str, Any]) -> tuple | None:
+        """Run the generation: (status, result file, error, metrics), or None when the server
+        stops and the job went back to the queue."""
+        gen_id = row["id"]
         status, result_file, error, metrics = "failed", None, None, None
         try:
             params = {**row["params"], "seed": row["seed"]}
-            video = self.pipe.generate(
-                **params, callback=callback, on_decode=stop_if_asked, progress=False, **shown
-            )
+            video = self.pipe.generate(**params, progress=False, **self._hooks(row))
             result_file = f"{gen_id}.mp4"
             video.save(self.results_dir / result_file)
             status = "succeeded"
@@ -427,8 +441,7 @@ class Worker(JobControl):
         except _Shutdown:
             self.store.requeue(gen_id)
             log.info("generation requeued at shutdown", extra={"fields": {"generation_id": gen_id}})
-            self.current = None
-            return
+            return None
         except _CancelRequested:
             status, error = "cancelled", "cancelled by request"
         except Exception as e:  # noqa: BLE001 - a failed job must not kill the worker
@@ -436,12 +449,15 @@ class Worker(JobControl):
             log.exception("generation failed", extra={"fields": {"generation_id": gen_id}})
         finally:
             self._cancel.discard(gen_id)
+        return status, result_file, error, metrics
+
+    def _conclude(self, gen_id: str, status, result_file, error, metrics, seconds: float) -> None:
+        """Store the outcome and publish its events, unless the job is not this worker's any
+        more (taken over by another worker, or deleted while it ran)."""
         if self._why.pop(gen_id, None) == "lost":  # another worker runs it now: hands off
-            self.current = None
             log.warning("generation taken over", extra={"fields": {"generation_id": gen_id}})
             return
         done = self._finish(gen_id, status, result_file, error, metrics)
-        self.current = None
         if done is None:  # deleted while running (Worker.delete): its file goes too
             self._cancel.discard(gen_id)
             if result_file:
@@ -450,7 +466,6 @@ class Worker(JobControl):
         if done["status"] != status or done.get("worker", self._me) != self._me:
             log.warning("generation taken over", extra={"fields": {"generation_id": gen_id}})
             return  # not this worker's to end any more (its file, the same video, stays)
-        seconds = round(time.perf_counter() - t0, 3)
         log.info(
             "generation finished",
             extra={"fields": {"generation_id": gen_id, "status": status, "seconds": seconds}},
