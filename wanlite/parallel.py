@@ -239,7 +239,8 @@ class SequenceParallel:
 class AgreedFirstBlockCache(stepcache.FirstBlockCache):
     """``stepcache.FirstBlockCache`` with its signal summed over every rank (padding tokens
     left out), so that every rank takes the same decision: the single-process decision over the
-    whole sequence and the batched CFG pair.  Same steps as the base class otherwise."""
+    whole sequence and the batched CFG pair.  Same steps as the base class otherwise (it calls
+    ``_distance``)."""
 
     def __init__(self, threshold: float, state: ParallelState):
         super().__init__(threshold)
@@ -252,26 +253,6 @@ class AgreedFirstBlockCache(stepcache.FirstBlockCache):
             [float((now - before).abs().sum()), float(before.abs().sum())]
         )
         return num / max(den, 1e-30)
-
-    def __call__(self, dit, h: Tensor, temb, text, rope) -> Tensor:
-        self.forwards += 1
-        start = h.clone()
-        h = dit.run_blocks(h, temb[1], text, rope, stop=1)
-        first = h - start
-        skip = (
-            self.first is not None
-            and self.residual is not None
-            and not self.last
-            and self._distance(dit, first) < self.threshold
-        )
-        if skip:
-            self.skipped += 1
-            return h.add_(self.residual) if h.dtype == torch.float32 else h + self.residual
-        self.first = first
-        start = h.clone()
-        h = dit.run_blocks(h, temb[1], text, rope, start=1)
-        self.residual = h - start
-        return h
 
 
 def init_parallel(spec: str | None, device: torch.device, heads: int) -> ParallelState | None:

@@ -83,6 +83,11 @@ class FirstBlockCache(StepCache):
         super().__init__(threshold)
         self.first: Tensor | None = None  # block 0's residual at the last full step
 
+    def _distance(self, dit, first: Tensor) -> float:
+        """The skip signal: block 0's residual against the last full step's (relative L1).
+        ``parallel.AgreedFirstBlockCache`` sums it over the ranks instead."""
+        return relative_l1(first, self.first)
+
     def __call__(self, dit, h: Tensor, temb, text, rope) -> Tensor:
         self.forwards += 1
         start = h.clone()
@@ -92,7 +97,7 @@ class FirstBlockCache(StepCache):
             self.first is not None
             and self.residual is not None
             and not self.last
-            and relative_l1(first, self.first) < self.threshold
+            and self._distance(dit, first) < self.threshold
         )
         if skip:
             self.skipped += 1
