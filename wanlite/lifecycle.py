@@ -334,15 +334,15 @@ def _renamed(source: ModelSource, name: str, from_key: Callable[[str], str]):
 
 
 def _prepare_dit(module: dit_mod.WanDiT, streamed: bool, pack: bool, options, linear: str):
-    """When the blocks are resident (streamed blocks are used as stored): their weights packed
-    for oneDNN (``linear`` resolved to "onednn": CPU, fp32 / bf16) when the call asks for it,
-    else fused q/k/v projections; torch.compile of the repeated block when asked for.  Returns
-    whether the weights were packed."""
+    """When the blocks are resident (streamed blocks are used as stored) and the call asks for
+    it (``pack``: it runs enough forwards to pay back a re-layout): their weights packed for
+    oneDNN (``linear`` resolved to "onednn": CPU, fp32 / bf16), else fused q/k/v projections.
+    torch.compile of the repeated block when asked for.  Returns whether they were packed."""
     packed = not streamed and pack and linear == "onednn"
     if packed:
         # A pre-quantized checkpoint's QLinear layers are left as they are (not nn.Linear).
         pack_linears(module.blocks, gelu_after=lambda name: name.endswith(".ffn.0"))
-    elif not streamed:
+    elif not streamed and pack:  # fusing copies the q/k/v weights: it too pays over many calls
         dit_mod.fuse_projections(module)
     if options.compile:
         dit_mod.compile_blocks(module)

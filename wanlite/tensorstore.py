@@ -25,6 +25,7 @@ import json
 import mmap
 import os
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,7 @@ class TensorStore:
         e = self.entries[key]
         if e.nbytes == 0:
             return torch.empty(e.shape, dtype=e.dtype)
+        self._populate(e)
         n = e.nbytes // e.dtype.itemsize
         flat = torch.frombuffer(self._map(e.path), dtype=e.dtype, count=n, offset=e.offset)
         return flat.view(e.shape)
@@ -128,6 +130,17 @@ class TensorStore:
         out = self.view(key).to(dtype)
         self._drop(e)
         return out
+
+    def _populate(self, e: Entry) -> None:
+        """Map ``e``'s pages in one call (Linux ``MADV_POPULATE_READ``) instead of one page
+        fault per 4 KiB on first touch: in a new process, faulting a large tensor page by page
+        took several times as long as the cast that reads it.  Skipped where unsupported."""
+        if not sys.platform.startswith("linux"):
+            return
+        page = mmap.PAGESIZE
+        start = e.offset // page * page
+        with contextlib.suppress(OSError, ValueError):  # kernels before 5.14: plain faults
+            self._map(e.path).madvise(MADV_POPULATE_READ, start, e.offset + e.nbytes - start)
 
     def _drop(self, e: Entry) -> None:
         """Unmap the whole pages of ``e``'s bytes from this process (the page cache keeps them)."""
@@ -166,6 +179,9 @@ class TensorStore:
     def __del__(self):
         with contextlib.suppress(Exception):
             self.close()
+
+
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux's value
 
 
 def _is_float(dtype: torch.dtype) -> bool:
