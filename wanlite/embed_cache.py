@@ -4,7 +4,7 @@ A repeated prompt, and the default negative prompt, skip the text encoder entire
 encoder is the largest part of the model (umT5-XXL, 5.7 B parameters).  Entries hold the
 encoder output at the prompt's real tokens only ([n, d_model], before zero-padding to 512).
 
-The key covers everything the values depend on: the text encoder's files (name, size,
+The key covers everything the values depend on: the text encoder's files (path, size,
 modification time), the quantization and compute dtype, the cleaned prompt and the maximum
 length.  Disk entries are written atomically (temp file + rename) under
 ``<cache dir>/embeddings/``.
@@ -30,18 +30,14 @@ MEMORY_ENTRIES = 64
 
 
 class EmbeddingCache:
-    def __init__(self, model_path: Path, quant: str, dtype: torch.dtype, disk: bool = True):
-        """``quant``: the quantization of the text encoder that actually runs (as stored)."""
-        files = sorted(
-            (p.name, p.stat().st_size, int(p.stat().st_mtime))
-            for p in (Path(model_path) / "text_encoder").iterdir()
+    def __init__(self, files: list[Path], quant: str, dtype: torch.dtype, disk: bool = True):
+        """``files``: the text encoder's (a folder's ``text_encoder/`` or a single file);
+        ``quant``: the quantization of the text encoder that actually runs (as stored)."""
+        stats = sorted(
+            (str(Path(p).resolve()), Path(p).stat().st_size, int(Path(p).stat().st_mtime))
+            for p in files
         )
-        ident = {
-            "files": files,
-            "quant": quant,
-            "dtype": str(dtype),
-            "path": str(Path(model_path).resolve()),
-        }
+        ident = {"files": stats, "quant": quant, "dtype": str(dtype)}
         self.model_key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()
         self.dtype = dtype
         self.memory: OrderedDict[str, torch.Tensor] = OrderedDict()

@@ -114,19 +114,15 @@ class Component:
         return quantize(module, quant, self.keep)
 
     # -- weight sources ---------------------------------------------------------------------
-    def read(self, name: str) -> torch.Tensor:
-        """Parameter ``name`` (ours): from the quantized copy in RAM if there is one, else as
-        stored in the checkpoint."""
-        if self._compact is not None:
-            return self._compact[name]
-        return self._merged(name)
-
-    def _merged(self, name: str) -> torch.Tensor:
-        """The stored tensor, plus its LoRA delta if there is one (then in fp32; a weight stored
-        quantized is dequantized first, and quantized again by :meth:`quantized`)."""
+    def _merged(self, name: str, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored tensor, plus ``delta`` (its LoRA delta, built once by the caller) if there
+        is one: then in fp32, a weight stored quantized dequantized first (and quantized again
+        by :meth:`quantized`)."""
         t = self.store.get(self.names[name])
-        d = None if self.delta is None else self.delta(name)
-        return t if d is None else self._dequantized(name, t).float() + d
+        return t if delta is None else self._dequantized(name, t).float() + delta
+
+    def _delta(self, name: str) -> torch.Tensor | None:
+        return None if self.delta is None else self.delta(name)
 
     def _dequantized(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """``t`` (parameter ``name``) in full precision: a stored int8 / fp8 weight times its
@@ -151,12 +147,12 @@ class Component:
         target = torch.float32 if self.fp32(name) else self.dtype
         if self._compact is not None:
             return cast(self._compact[name], target)
-        key = self.names[name]
-        if self.delta is None or self.delta(name) is None:
+        key, delta = self.names[name], self._delta(name)
+        if delta is None:
             if in_place and self.store.entries[key].dtype == target:
                 return self.store.view(key)
             return self.store.get(key, target)
-        return cast(self._merged(name), target)
+        return cast(self._merged(name, delta), target)
 
     def quantized(self, skeleton: nn.Module, mode: str, skip: str | None = None, source=None):
         """Yield (name, tensor) for every parameter of the ``mode``-quantized ``skeleton``:
@@ -173,7 +169,8 @@ class Component:
             if layer not in qlayers or attr == "bias":
                 yield name, source(name)
             elif attr == "weight":
-                w, s = quantize_weight(self._dequantized(name, self._merged(name)), mode)
+                full = self._dequantized(name, self._merged(name, self._delta(name)))
+                w, s = quantize_weight(full, mode)
                 yield name, w
                 yield layer + ".weight_scale", s
                 # Return the freed full-precision pages now: the kept int8 tensors sit between

@@ -171,22 +171,12 @@ class ModelSource:
             log.info("%s: %s (%d tensors)", component, self.files[component], len(store.entries))
         return self._opened[component]
 
-    def text_encoder_identity(self) -> Path:
-        """A folder whose ``text_encoder/`` identifies the text encoder's weights, for the
-        embedding cache's key: the model folder, or for a single file a stub folder in the
-        cache named after the file's path, size and modification time."""
-        if "text_encoder" not in self.files:
-            return self.folder
-        import hashlib
-
-        from .paths import cache_dir
-
-        path = self.files["text_encoder"].resolve()
-        st = path.stat()
-        ident = f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()
-        stub = cache_dir() / "single-files" / hashlib.sha256(ident).hexdigest()[:32]
-        (stub / "text_encoder").mkdir(parents=True, exist_ok=True)
-        return stub
+    def text_encoder_files(self) -> list[Path]:
+        """The files that make up the text encoder (the embedding cache's key): the single
+        file, or every file of the folder's ``text_encoder/``."""
+        if "text_encoder" in self.files:
+            return [self.files["text_encoder"]]
+        return sorted((self.folder / "text_encoder").iterdir())
 
     def store(self, component: str):
         """The single file's store (keyed by our names), or None: from the folder."""

@@ -121,7 +121,7 @@ class Pipeline:
             )
             text_encoder = self.components["text_encoder"]
             self.embeddings = EmbeddingCache(
-                self.source.text_encoder_identity(),
+                self.source.text_encoder_files(),
                 text_encoder.quant,
                 self.dtype,
                 disk=self.options.embed_cache,
@@ -270,9 +270,10 @@ class Pipeline:
                 cond = branches.run("cond", x, temb, last)
                 uncond = branches.run("uncond", x, temb, last)
                 pred = uncond + guidance_scale * (cond - uncond)
+            v = pred.float()
             if preview is not None and preview.due(i):  # x0 = x - sigma * v, [1, 16, T', h, w]
-                preview(i, to_x0(latents, pred.float(), sampler.sigmas[i].item()))
-            latents, state = sampler.step(state, pred.float(), latents)
+                preview(i, to_x0(latents, v, sampler.sigmas[i].item()))
+            latents, state = sampler.step(state, v, latents)
             yield i, latents
         self.stats |= branches.counts()
         if par is not None:
