@@ -102,6 +102,7 @@ def run_generation(model: str, params: dict, options: dict) -> dict:
         "compile_warmup_s": warmup_s,
         "generate_s": generate_s,
         "weights_s": video.weights_seconds,
+        "lora_merge_s": sum(c.lora_seconds for c in pipe.components.values()),
         "steps": video.params["num_inference_steps"],
         "guidance_scale": video.params["guidance_scale"],
         "phase_seconds": video.timings,
@@ -172,11 +173,13 @@ def _random_lora(model: str, workdir: Path) -> Path:
     return path if path.is_file() else write_random_lora(path, read_model_config(model).dit)
 
 
-def warm_page_cache(folder: str | Path) -> float:
-    """Read every file under ``folder`` once (into the OS page cache, not this process), so
-    each timed run starts from the same warm cache; returns the seconds it took."""
+def warm_page_cache(*places: str | Path) -> float:
+    """Read every file under each of ``places`` (folders or files) once (into the OS page
+    cache, not this process), so each timed run starts from the same warm cache; returns the
+    seconds it took."""
     t0 = time.perf_counter()
-    for path in sorted(Path(folder).rglob("*")):
+    files = [p for place in places for p in ([Path(place)] + sorted(Path(place).rglob("*")))]
+    for path in files:
         if path.is_file():
             with open(path, "rb", buffering=0) as f:
                 while f.read(64 * 2**20):
@@ -184,18 +187,37 @@ def warm_page_cache(folder: str | Path) -> float:
     return time.perf_counter() - t0
 
 
+def cast_files(model: str, modes: dict[str, dict], base: dict | None = None) -> list[Path]:
+    """The cast cache files (``wanlite.castcache``) the runs of ``modes`` read, written now if
+    missing: a user's second and later calls find them on disk, and so do the timed runs (the
+    call that writes them is timed on its own, see ``benchmarks/bench_speed.py``)."""
+    from .pipeline import load
+
+    files = set()
+    for opts in modes.values():
+        opts = {k: v for k, v in ((base or {}) | opts).items() if k != "lora"}
+        for comp in load(model, **opts).components.values():
+            if (f := comp.cast_file(write=True)) is not None:
+                files.add(f)
+    return sorted(files)
+
+
 def run_jobs(
-    jobs: dict[str, list[str]], steps: int, repeat: int = 1, warm: str | Path | None = None
+    jobs: dict[str, list[str]],
+    steps: int,
+    repeat: int = 1,
+    warm: str | Path | list | None = None,
 ) -> dict[str, dict]:
     """Run every job ``repeat`` times, round-robin (so slow spells of a shared machine hit all
     rows alike); times are the per-phase medians (and s/step of ``steps``), peaks the maximum.
-    ``warm``: a checkpoint folder read into the page cache before every run.  The npz path of
+    ``warm``: a checkpoint folder (or a list of folders and files: the cast cache's too) read
+    into the page cache before every run.  The npz path of
     a job is its last argument."""
     runs: dict[str, list[dict]] = {name: [] for name in jobs}
     for i in range(repeat):
         for name, argv in jobs.items():
             if warm is not None:
-                warm_page_cache(warm)
+                warm_page_cache(*(warm if isinstance(warm, list) else [warm]))
             print(f"running {name} ({i + 1}/{repeat}) ...", file=sys.stderr, flush=True)
             runs[name].append(run_worker(argv) | {"npz": argv[-1]})
     return {name: _median(rs, steps) for name, rs in runs.items()}
@@ -213,6 +235,8 @@ def _median(rs: list[dict], steps: int) -> dict:
     w = [r["weights_s"] for r in rs if r.get("weights_s") is not None]
     out["weights_s"] = float(np.median(w)) if w else None
     out["weights_s_each"] = [r.get("weights_s") for r in rs]
+    if all(r.get("lora_merge_s") is not None for r in rs):
+        out["lora_merge_s"] = float(np.median([r["lora_merge_s"] for r in rs]))
     out["s_per_step"] = out["phase_seconds"]["denoise"] / out.get("steps", steps)
     out["peak"] = max(r["peak"] for r in rs)
     out["runs"] = len(rs)
@@ -246,7 +270,8 @@ def run_modes(
 ) -> dict[str, dict]:
     """Every mode in its own process; fidelity and speed-up vs the first mode."""
     jobs = mode_jobs(model, params, modes, workdir, base)
-    results = run_jobs(jobs, params["num_inference_steps"], repeat, warm=model)
+    warm = [model, *cast_files(model, modes, base)]
+    results = run_jobs(jobs, params["num_inference_steps"], repeat, warm=warm)
     add_fidelity(results, next(iter(results)))
     return results
 

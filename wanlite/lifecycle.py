@@ -31,12 +31,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import castcache
 from . import dit as dit_mod
 from . import t5 as t5_mod
 from . import vae as vae_mod
 from .attention import resolve_name
+from .castcache import cached_casts
 from .loading import ModelSource, check_keys, weight_files
-from .memory import trim
+from .memory import on_meta, trim
 from .offload import BlockStreamer, RowEmbedding, cast
 from .quant import QLinear, pack_linears, quantize, quantize_weight, resolve_linear
 from .tensorstore import TensorStore
@@ -81,6 +83,7 @@ class Component:
         aliases: dict[str, str] | None = None,
         prepare: Callable[[nn.Module, bool, bool], bool] | None = None,
         store=None,
+        cast_root: Path | None = None,
     ):
         self.name, self.build, self.device, self.dtype = name, build, device, dtype
         # prepare(module, blocks_streamed, pack) -> packed, after each materialization
@@ -103,26 +106,34 @@ class Component:
         self.packable = False  # set for the DiT when its GEMM weights can be packed
         self.streamer: BlockStreamer | None = None
         self._compact: dict[str, torch.Tensor] | None = None
-        # LoRA (``wanlite.lora``): our parameter name -> fp32 delta of the same shape, or None.
-        # Merged as each weight is read, before any quantization (see ``_merged``).
-        self.delta: Callable[[str], torch.Tensor | None] | None = None
+        # LoRA (``wanlite.lora.LoraSet``): merged as each weight it changes is read, before any
+        # quantization (see ``_merged``).
+        self.lora = None
+        self.lora_seconds = 0.0
         self.load_seconds = 0.0  # total time spent materializing weights (reads, casts, prep)
+        # Narrowing casts written once to the cache folder (``castcache``); False: none
+        self.cast_root = cast_root
+        self._casts: TensorStore | None | bool = None if cast_root is not None else False
 
     def _skeleton(self, quant: str) -> nn.Module:
-        with torch.device("meta"):
+        with on_meta():
             module = self.build()
         return quantize(module, quant, self.keep)
 
     # -- weight sources ---------------------------------------------------------------------
-    def _merged(self, name: str, delta: torch.Tensor | None = None) -> torch.Tensor:
-        """The stored tensor, plus ``delta`` (its LoRA delta, built once by the caller) if there
-        is one: then in fp32, a weight stored quantized dequantized first (and quantized again
-        by :meth:`quantized`)."""
+    def _merged(self, name: str) -> torch.Tensor:
+        """The stored tensor, plus its LoRA deltas if a LoRA changes it: then in fp32, a weight
+        stored quantized dequantized first (and quantized again by :meth:`quantized`)."""
+        t0 = time.perf_counter()
         t = self.store.get(self.names[name])
-        return t if delta is None else self._dequantized(name, t).float() + delta
+        if not self._lora(name):
+            return t
+        out = self.lora.merged(name, self._dequantized(name, t))
+        self.lora_seconds += time.perf_counter() - t0  # reading + merging (part of load_seconds)
+        return out
 
-    def _delta(self, name: str) -> torch.Tensor | None:
-        return None if self.delta is None else self.delta(name)
+    def _lora(self, name: str) -> bool:
+        return self.lora is not None and name in self.lora.names
 
     def _dequantized(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """``t`` (parameter ``name``) in full precision: a stored int8 / fp8 weight times its
@@ -134,7 +145,7 @@ class Component:
     def _in_ram(self) -> bool:
         """Quantized in RAM: asked for on a full-precision checkpoint, or a pre-quantized one
         with a LoRA to merge (dequantize, add, quantize again)."""
-        lora = self.delta is not None and self.stored_quant != "none"
+        lora = self.lora is not None and self.stored_quant != "none"
         return self.quant != self.stored_quant or lora
 
     def load(self, name: str, in_place: bool = False) -> torch.Tensor:
@@ -147,12 +158,14 @@ class Component:
         target = torch.float32 if self.fp32(name) else self.dtype
         if self._compact is not None:
             return cast(self._compact[name], target)
-        key, delta = self.names[name], self._delta(name)
-        if delta is None:
+        key = self.names[name]
+        if not self._lora(name):
+            if self._casts and name in self._casts.entries:  # cast once, earlier
+                return self._casts.view(name) if in_place else self._casts.get(name)
             if in_place and self.store.entries[key].dtype == target:
                 return self.store.view(key)
             return self.store.get(key, target)
-        return cast(self._merged(name, delta), target)
+        return cast(self._merged(name), target)
 
     def quantized(self, skeleton: nn.Module, mode: str, skip: str | None = None, source=None):
         """Yield (name, tensor) for every parameter of the ``mode``-quantized ``skeleton``:
@@ -169,7 +182,7 @@ class Component:
             if layer not in qlayers or attr == "bias":
                 yield name, source(name)
             elif attr == "weight":
-                full = self._dequantized(name, self._merged(name, self._delta(name)))
+                full = self._dequantized(name, self._merged(name))
                 w, s = quantize_weight(full, mode)
                 yield name, w
                 yield layer + ".weight_scale", s
@@ -193,6 +206,8 @@ class Component:
         self.release()
         t0 = time.perf_counter()
         in_ram = self._in_ram()
+        if self._casts is None:
+            self._casts = self._open_casts()
         module = self._skeleton(self.quant)
         if in_ram:
             self._compact = dict(self.quantized(module, self.quant, skip=row_embedding))
@@ -207,8 +222,10 @@ class Component:
             setattr(module, row_embedding, rows)
             names = [n for n in names if not n.startswith(row_embedding + ".")]
         # In place from the file only where the module uses its weights as they are: resident,
-        # on the CPU, with no preparation step that copies them (the DiT's fused/packed GEMMs).
-        in_place = self.device.type == "cpu" and not stream_blocks and self.prepare is None
+        # on the CPU, with no preparation step that copies them (the DiT's fused/packed GEMMs
+        # when the call asks for them, ``pack``).
+        copied = self.prepare is not None and pack
+        in_place = self.device.type == "cpu" and not stream_blocks and not copied
         state = {n: self.load(n, in_place).to(self.device) for n in names}
         assign(module, state)
         if self.prepare is not None:
@@ -221,6 +238,35 @@ class Component:
         self.module, self.streamed = module.eval().requires_grad_(False), stream_blocks
         self.load_seconds += time.perf_counter() - t0
         return self.module
+
+    def _cast_args(self) -> tuple | None:
+        """``castcache`` arguments for the full-precision weights used as stored, or None."""
+        if self.cast_root is None or self.quant != "none":  # quantized from the source
+            return None
+
+        def target(name: str) -> torch.dtype:
+            return torch.float32 if self.fp32(name) else self.dtype
+
+        names = {n: self.names[n] for n in self.names if not n.endswith("_scale")}
+        return self.name, self.store, names, target, self.cast_root
+
+    def _open_casts(self) -> TensorStore | bool:
+        """The cast cache (``castcache``), written now if it was not yet, or False."""
+        args = self._cast_args()
+        try:
+            return (args is not None and cached_casts(*args)) or False
+        except OSError as e:  # a read-only or full cache folder: cast while reading instead
+            log.warning("%s: cast cache not used (%s)", self.name, e)
+            return False
+
+    def cast_file(self, write: bool = False) -> Path | None:
+        """The cast cache file of this component (written first if ``write``), or None when
+        it has none (nothing to cast, turned off) or it is not written yet."""
+        if write and self._casts is None:
+            self._casts = self._open_casts()
+        args = self._cast_args()
+        planned = None if args is None else castcache.plan(*args)
+        return planned[0] if planned is not None and planned[0].is_file() else None
 
     def resident_bytes(self) -> int:
         """Bytes of weights this component holds now (the module's tensors and any quantized
@@ -247,6 +293,8 @@ class Component:
         self.module = self._compact = None
         self.streamed = self.packed = False
         self.store.unmap()  # weights used in place are gone with the module
+        if self._casts:
+            self._casts.unmap()
         trim()
 
 
@@ -266,6 +314,7 @@ def components(path, cfg, options, device, dtype) -> dict[str, Component]:
     stored: quantizing its 5.7 B parameters in RAM costs more than it saves in one call."""
     source = ModelSource.of(path)
     quant = options.quant
+    cast_root = options.resolve_cast_cache()
     attention = resolve_name(options.attention, device, dtype)  # "auto": decided (and logged) once
     fits = quant == "none" and not options.compile and options.offload != "blocks"
     linear = resolve_linear(options.linear, device, dtype, fits)  # once, here too
@@ -277,6 +326,7 @@ def components(path, cfg, options, device, dtype) -> dict[str, Component]:
             lambda: t5_mod.UMT5Encoder(cfg.t5),
             _renamed(source, "text_encoder", t5_mod.from_diffusers_key),
             store=source.store("text_encoder"),
+            cast_root=cast_root,
             device=device,
             dtype=dtype,
             # fp16: the FFN output projection is kept (and stored) in fp32, as transformers does
@@ -289,6 +339,7 @@ def components(path, cfg, options, device, dtype) -> dict[str, Component]:
             lambda: dit_mod.WanDiT(cfg.dit, attn=attention),
             _renamed(source, "transformer", dit_mod.from_diffusers_key),
             store=source.store("transformer"),
+            cast_root=cast_root,
             device=device,
             dtype=dtype,
             quant=quant,
@@ -302,15 +353,16 @@ def components(path, cfg, options, device, dtype) -> dict[str, Component]:
             lambda: vae_mod.WanVAE(cfg.vae),
             _renamed(source, "vae", lambda k: vae_mod.from_diffusers_key(k, cfg.vae)),
             store=source.store("vae"),
+            cast_root=cast_root,
             device=device,
-            dtype=options.resolve_vae_dtype(),
+            dtype=options.resolve_vae_dtype(dtype),
         ),
     }
     comps["transformer"].packable = linear == "onednn"  # each call decides (Placement.pack)
     if options.lora:  # every file and shape is checked now, before any generation work
         from .lora import LoraSet, dit_shapes
 
-        comps["transformer"].delta = LoraSet(options.lora, dit_shapes(cfg.dit))
+        comps["transformer"].lora = LoraSet(options.lora, dit_shapes(cfg.dit))
     if quant != "none" and comps["text_encoder"].quant == "none":
         log.info(
             "the umT5 is used as stored (%s is for the DiT here); `wanlite quantize` "

@@ -1,9 +1,10 @@
-"""LoRA files -> per-parameter fp32 weight deltas for the DiT (merged as weights are read).
+"""LoRA files -> the DiT's weights plus their deltas, in fp32 (merged as weights are read).
 
 A ``LoraSet`` is built from ``[(path, scale), ...]`` and the DiT's parameter shapes (ours: the
 original Wan names).  Each file is read once; its low-rank factors are kept as stored and a
-parameter's delta is built only when asked for (``lora(name)``), so the ~300 full-size deltas of
-a 1.3B LoRA are never held at once.  After construction nothing is mutated: calls are
+parameter is merged only when it is read (``merged(name, weight)``: one ``addmm`` per low-rank
+term into the fp32 result, no full-size delta tensor), so the ~300 full-size deltas of a 1.3B
+LoRA are never made, let alone held at once.  After construction nothing is mutated: calls are
 thread-safe (the block streamer reads from a background thread).
 
 Key families, detected per file (after the prefixes ``model.diffusion_model.``,
@@ -53,6 +54,7 @@ from pathlib import Path
 import torch
 
 from . import dit as dit_mod
+from .memory import on_meta
 
 __all__ = ["LoraSet", "dit_shapes", "load_lora"]
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ _PEFT_HINTS = (".attn1.", ".attn2.", ".condition_embedder.", ".proj_out.", ".ffn
 
 def dit_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """Our DiT's parameter shapes for a ``DiTConfig`` (a meta-device skeleton: no memory)."""
-    with torch.device("meta"):
+    with on_meta():
         model = dit_mod.WanDiT(cfg)
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
@@ -91,11 +93,22 @@ class _Term:
     down: torch.Tensor | None
     scale: float
 
-    def delta(self, shape: tuple[int, ...]) -> torch.Tensor:
+    def add_to(self, out: torch.Tensor, first: bool) -> torch.Tensor:
+        """``out`` (fp32, [rows, -1]) plus this term: a new tensor when ``first`` (``out`` is
+        the stored weight, only read), else added in place.  Low rank as one ``addmm``: no
+        full-size delta tensor is made."""
+        a = self.scale
         if self.down is None:
-            return self.up_or_full.float().reshape(shape) * self.scale
+            full = self.up_or_full.float().reshape(out.shape)
+            return (
+                torch.add(out, full, alpha=self.scale)
+                if first
+                else out.add_(full, alpha=self.scale)
+            )
         up, down = self.up_or_full.flatten(1).float(), self.down.flatten(1).float()
-        return (up @ down).mul_(self.scale).reshape(shape)
+        if first:
+            return torch.addmm(out, up, down, alpha=a)
+        return out.addmm_(up, down, alpha=a)
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -307,8 +320,8 @@ def load_lora(path: str | Path, scale: float, shapes: Shapes) -> dict[str, list[
 
 
 class LoraSet:
-    """Several LoRAs added up: ``lora(name)`` is the fp32 delta of parameter ``name`` (its full
-    shape) or None when no file touches it.  Stateless after construction (thread-safe)."""
+    """Several LoRAs added up: ``merged(name, weight)`` is the weight plus every file's delta
+    for the parameters in ``names``.  Stateless after construction (thread-safe)."""
 
     def __init__(self, loras: Sequence[tuple[str | Path, float]], shapes: Shapes):
         self.shapes = dict(shapes)
@@ -325,12 +338,12 @@ class LoraSet:
     def __len__(self) -> int:
         return len(self._terms)
 
-    def __call__(self, name: str) -> torch.Tensor | None:
-        terms = self._terms.get(name)
-        if not terms:
-            return None
+    def merged(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        """``base`` (parameter ``name`` as stored, full precision; not modified) plus every
+        file's delta, in fp32."""
         shape = self.shapes[name]
-        out = terms[0].delta(shape)
-        for t in terms[1:]:
-            out += t.delta(shape)
-        return out
+        out = base.reshape(shape[0] if len(shape) > 1 else 1, -1)
+        out = out if out.dtype == torch.float32 else out.float()
+        for i, term in enumerate(self._terms[name]):
+            out = term.add_to(out, first=i == 0)
+        return out.reshape(shape)

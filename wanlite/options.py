@@ -27,9 +27,14 @@ class Options:
         multiplies bf16 natively, else fp32 on CPU (bf16 is emulated, slower than fp32, on CPUs
         without AMX-BF16 / AVX512-BF16) and fp16 on CUDA (GPUs before sm80 have no bf16 units);
         see ``cpu_bf16_feature`` and ``cuda_auto_dtype``.
-    vae_dtype: the VAE's, fp32 by default (see ``resolve_vae_dtype``).
+    vae_dtype: the VAE's; "auto" = bf16 when the compute dtype is bf16, else fp32 (see
+        ``resolve_vae_dtype``).
     attention: attention backend name, or "auto" (see ``wanlite.attention``).
     quant / offload / max_memory / vae_tiling / embed_cache: memory (see README "Low memory").
+    cast_cache: "auto" writes weights that need a narrowing cast (the fp32 DiT run in bf16)
+        once, cast, to ``<cache>/cast`` (or to the folder given instead of "auto") and maps
+        them in place on later loads: the same values; "off" casts them on every load (see
+        ``wanlite.castcache``).
     cfg_batch: run the conditional and unconditional passes as one batch of 2 ("on"), as two
         forwards ("off"), or batched when the planner's estimate fits the budget ("auto").
     cfg_skip_last: fraction of the last steps that skip the unconditional pass (0 = never).
@@ -60,6 +65,7 @@ class Options:
     max_memory: str | int | None = None  # budget for "auto", e.g. "6GB"; None = what is free
     vae_tiling: str = "auto"  # "auto" | "on" | "off"
     embed_cache: bool = True  # cache prompt embeddings on disk (keyed by model and prompt)
+    cast_cache: str = "auto"  # "auto" | "off" | a folder: weights cast once, kept (castcache.py)
     cfg_batch: str = "auto"  # "auto" | "on" | "off"
     cfg_skip_last: float = 0.0  # in [0, 1)
     cache: str = "off"  # "off" | "teacache" | "firstblock"
@@ -71,7 +77,7 @@ class Options:
     shift: float | None = None
     timesteps: tuple[float, ...] | None = None
     preset: str | None = None
-    vae_dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+    vae_dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
     decoder: str = "vae"  # "vae" | "taew2_1"
     tae: str | None = None  # path of taew2_1.pth / .safetensors
     parallel: str | None = None  # "cfg=2,ulysses=2" under torchrun (see wanlite.parallel)
@@ -83,8 +89,9 @@ class Options:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             choices = ["auto", *sorted(_DTYPES)]
             raise ValueError(f"dtype must be one of {choices}, got {self.dtype!r}")
-        if self.vae_dtype not in _DTYPES:
-            raise ValueError(f"vae_dtype must be one of {sorted(_DTYPES)}, got {self.vae_dtype!r}")
+        if self.vae_dtype != "auto" and self.vae_dtype not in _DTYPES:
+            choices = ["auto", *sorted(_DTYPES)]
+            raise ValueError(f"vae_dtype must be one of {choices}, got {self.vae_dtype!r}")
         for name, allowed in (
             ("quant", ("none", "int8", "fp8")),
             ("offload", ("none", "model", "blocks", "auto")),
@@ -110,6 +117,10 @@ class Options:
             raise ValueError(f"shift must be a number > 0, got {s!r}")
         if self.preset is not None and not isinstance(self.preset, str):
             raise ValueError(f"preset must be a preset name, got {self.preset!r}")
+        if not isinstance(self.cast_cache, str) or not self.cast_cache:
+            raise ValueError(
+                f"cast_cache must be 'auto', 'off' or a folder, got {self.cast_cache!r}"
+            )
         if self.decoder == "taew2_1" and not self.tae:
             raise ValueError("decoder 'taew2_1' needs tae: the path of taew2_1.pth/.safetensors")
         if self.tae is not None:
@@ -149,12 +160,27 @@ class Options:
         log.info("dtype (auto) on %s: %s (%s)", device, name, why)
         return getattr(torch, name)
 
-    def resolve_vae_dtype(self):
-        """The VAE's dtype: fp32 unless asked (as diffusers' Wan docs run it).  bf16 is about
-        twice as fast on CPUs with AMX, at a measured cost in fidelity (README)."""
+    def resolve_cast_cache(self):
+        """The folder of the cast cache (a ``Path``), or None when it is off."""
+        from pathlib import Path
+
+        from .paths import cache_dir
+
+        if self.cast_cache == "off":
+            return None
+        return cache_dir() / "cast" if self.cast_cache == "auto" else Path(self.cast_cache)
+
+    def resolve_vae_dtype(self, dtype):
+        """The VAE's dtype, given the compute dtype ``dtype``.  "auto": bf16 when that is bf16
+        (hardware with bf16 units: there the VAE's convolutions run 2.3-2.7x faster than fp32,
+        and its frames stayed within 46 dB PSNR of fp32's: README "Precision"), else fp32
+        (fp16 is never picked: the VAE's activations can overflow it).  diffusers' Wan docs
+        run the VAE in fp32: ``vae_dtype="float32"``."""
         import torch
 
-        return getattr(torch, _DTYPES[self.vae_dtype])
+        if self.vae_dtype != "auto":
+            return getattr(torch, _DTYPES[self.vae_dtype])
+        return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 # --- "auto" dtype from the hardware -------------------------------------------------------------
@@ -286,12 +312,13 @@ def parse_parallel(value) -> tuple[int, int]:
 FLAGS: tuple[tuple[str, type, str], ...] = (
     ("device", str, "auto | cpu | cuda[:N]"),
     ("dtype", str, "auto | float32 | bfloat16 | float16"),
-    ("vae_dtype", str, "float32 | bfloat16 (faster decode, not exact; see README)"),
+    ("vae_dtype", str, "auto | float32 | bfloat16 (auto: bf16 with a bf16 DiT; see README)"),
     ("attention", str, "auto | sdpa | math | flash_attn | sage | xformers"),
     ("quant", str, "none | int8 | fp8 (DiT and umT5 blocks)"),
     ("offload", str, "auto | none | model | blocks"),
     ("max_memory", str, "memory budget for auto, e.g. 6GB"),
     ("vae_tiling", str, "auto | on | off"),
+    ("cast_cache", str, "auto | off | DIR: keep the DiT cast to bf16 on disk (faster loads)"),
     ("cfg_batch", str, "auto | on | off (CFG passes as a batch)"),
     ("cfg_skip_last", float, "skip the negative pass on this fraction of the last steps"),
     ("cache", str, "off | teacache | firstblock (not exact)"),

@@ -169,6 +169,7 @@ class Pipeline:
             self.dtype.itemsize,
             held,
             t5_quant=self.components["text_encoder"].quant,
+            vae_bytes=self.components["vae"].dtype.itemsize,
         )
         if self.components["transformer"].packable and self.options.linear == "auto":
             _, f, h, w = size.latent_shape

@@ -115,6 +115,7 @@ def estimate(
     t5_quant: str = "none",
     prompt_tokens: int = 512,
     cfg_batch: int = 1,
+    vae_bytes: int = 4,
 ) -> Estimate:
     """Peak bytes per phase; ``cfg_batch=2`` when both CFG passes run as one batch (the DiT
     activations double).  ``quant`` is the DiT's; ``t5_quant`` the umT5's as stored (it is
@@ -140,7 +141,8 @@ def estimate(
     dit_act = 8 * tokens * d * 4 + 2 * min(tokens, FFN_CHUNK) * cfg.dit.ffn_dim * compute_bytes
     dit_act += 3 * c * lf * lh * lw * 4 + 2 * 512 * cfg.dit.text_dim * compute_bytes
     dit_act *= cfg_batch
-    vae_w, vae_act = vae_params(cfg) * 4, vae_decode_bytes(cfg, latent_shape, tiled)
+    vae_w = vae_params(cfg) * vae_bytes
+    vae_act = vae_decode_bytes(cfg, latent_shape, tiled, vae_bytes)
     keep_dit = offload == "none"
     return Estimate(
         encode=RUNTIME_BASE + t5_w + t5_act + (dit_w + vae_w if keep_dit else 0),
@@ -149,18 +151,19 @@ def estimate(
     )
 
 
-def vae_decode_bytes(cfg: ModelConfig, latent_shape: tuple[int, ...], tiled: bool) -> int:
-    """VAE decode activations and causal caches: ``VAE_BYTES_PER_PIXEL_CHANNEL`` x base_dim x
-    the output pixels decoded at once (the frame, or one tile: tiles are decoded one at a time),
-    plus the output: one chunk of 4 frames untiled, the whole fp32 video tiled (the tiles are
-    blended into it)."""
+def vae_decode_bytes(
+    cfg: ModelConfig, latent_shape: tuple[int, ...], tiled: bool, vae_bytes: int = 4
+) -> int:
+    """VAE decode activations and causal caches: ``VAE_BYTES_PER_PIXEL_CHANNEL`` (fp32; scaled
+    by ``vae_bytes`` / 4 for a bf16 VAE) x base_dim x the output pixels decoded at once (the
+    frame, or one tile: tiles are decoded one at a time), plus the output: one chunk of 4
+    frames untiled, the whole fp32 video tiled (the tiles are blended into it)."""
     _, lf, lh, lw = latent_shape
     s, t = cfg.vae.spatial_stride, cfg.vae.temporal_stride
     region = (min(lh, VAE_TILE) * min(lw, VAE_TILE) if tiled else lh * lw) * s * s
     frames = 1 + t * (lf - 1) if tiled else t
-    return (
-        VAE_BYTES_PER_PIXEL_CHANNEL * cfg.vae.base_dim * region + 3 * frames * lh * lw * s * s * 4
-    )
+    per_pixel = VAE_BYTES_PER_PIXEL_CHANNEL * vae_bytes // 4
+    return per_pixel * cfg.vae.base_dim * region + 3 * frames * lh * lw * s * s * 4
 
 
 def vae_params(cfg: ModelConfig) -> int:
@@ -212,6 +215,7 @@ def choose(
     compute_bytes: int,
     held: int = 0,
     t5_quant: str = "none",
+    vae_bytes: int = 4,
 ) -> Placement:
     """Offload mode, tiled decode and CFG batching for one request under the options' budget:
     the first (least offloaded, untiled) setting that fits; CFG is batched only if it still
@@ -228,6 +232,7 @@ def choose(
     modes = ("none", "model", "blocks") if options.offload == "auto" else (options.offload,)
     tilings = {"on": (True,), "off": (False,), "auto": (False, True)}[options.vae_tiling]
     kw = dict(compute_bytes=compute_bytes, quant=options.quant, t5_quant=t5_quant)
+    kw["vae_bytes"] = vae_bytes
 
     def est2(mode: str, tiled: bool) -> Estimate:
         return estimate(cfg, latent_shape, offload=mode, tiled=tiled, cfg_batch=2, **kw)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .memory import on_meta
+
 log = logging.getLogger(__name__)
 
 
@@ -70,7 +72,7 @@ def _components(cfg):
     """(component, module on meta, our-key -> diffusers-key, config.json dict) per weight set."""
     from . import dit, t5, vae
 
-    with torch.device("meta"):
+    with on_meta():
         modules = {
             "transformer": (dit.WanDiT(cfg.dit), dit.to_diffusers_key, cfg.dit.to_diffusers()),
             "text_encoder": (t5.UMT5Encoder(cfg.t5), t5.to_diffusers_key, cfg.t5.to_diffusers()),
@@ -211,7 +213,7 @@ def write_random_lora(path: Path, cfg, rank: int = 32, seed: int = 0) -> Path:
 
     from . import dit
 
-    with torch.device("meta"):
+    with on_meta():
         model = dit.WanDiT(cfg)
     tensors = {}
     for name, module in model.named_modules():

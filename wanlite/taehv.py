@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .memory import on_meta
+
 log = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16
@@ -183,7 +185,7 @@ def encoder_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def decoder_shapes() -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
+    with on_meta():
         return {k: tuple(v.shape) for k, v in TinyDecoder().state_dict().items()}
 
 
@@ -236,7 +238,7 @@ def load_tiny_decoder(
         raise ValueError(f"the tiny VAE must be a .pth or .safetensors file, got {path.name}")
     state = _read(path)
     check_state(state, path.name)
-    with torch.device("meta"):
+    with on_meta():
         model = TinyDecoder()
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     count = sum(v.numel() for v in state.values())

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .configs import VAEConfig
+from .memory import on_meta
 
 _ONEDNN = torch.backends.mkldnn.is_available()
 
@@ -426,7 +427,7 @@ def _rename(key: str, renames: list[tuple[str, str]]) -> str:
 @functools.lru_cache(maxsize=8)
 def _key_tables(cfg: VAEConfig) -> tuple[dict[str, str], dict[str, str]]:
     """Exact (ours -> diffusers, diffusers -> ours) maps over the parameters of ``cfg``."""
-    with torch.device("meta"):
+    with on_meta():
         names = [name for name, _ in WanVAE(cfg).named_parameters()]
     renames = _module_renames(cfg)
     to_diff = {name: _rename(name, renames) for name in names}
