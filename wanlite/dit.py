@@ -19,7 +19,9 @@ RoPE rotates the interleaved pairs (2i, 2i+1) of each head; head_dim is split in
 (t, h, w) = (hd - 4*(hd//6), 2*(hd//6), 2*(hd//6)) channels, each with angles
 pos / 10000^(2j/axis_dim).  Cross-attention attends to every context token (no mask), as
 diffusers does; the pipeline passes the prompts' lengths so that the identical padding tokens are
-attended to as one merged key (``TextState``: same result, n + 1 keys instead of 512).
+attended to as one merged key (``TextState``: same result, n + 1 keys instead of 512).  With
+NAG on (``TextState.nag``, ``wanlite.nag``), the conditional rows' queries also attend to the
+negative prompt's keys and the two outputs are combined before the output projection.
 
 Precision (the fp32 islands of diffusers' ``_keep_in_fp32_modules`` and of the original code):
 the sinusoid, the time MLPs, the modulation tables, adaLN arithmetic (norm, scale/shift,
@@ -49,6 +51,7 @@ from torch import Tensor, nn
 
 from .attention import AttnFn, chunked, function
 from .configs import DiTConfig
+from .nag import NAG, guide
 from .quant import fuse_linears, fused_linear
 
 
@@ -222,6 +225,19 @@ class TextState:
     ctx: Tensor
     bias: Tensor | None = None
     kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    nag: NagText | None = None  # NAG on this batch's conditional rows (None: off)
+
+
+@dataclass
+class NagText:
+    """NAG (``wanlite.nag``) for one branch: its parameters, the negative prompt's own text
+    state (one row; its K/V cached in ``negative.kv`` like the prompt's, so once per generation
+    whichever branches share it), and how many leading rows of the batch are conditional and
+    get NAG (1: the prompt alone, or row 0 of the batched CFG pair [cond, uncond])."""
+
+    params: NAG
+    negative: TextState
+    rows: int = 1
 
 
 def merge_padding(
@@ -290,15 +306,28 @@ class Attention(nn.Module):
         k, v = self._project(ctx, "kv", ("k", "v"))
         return self._heads(self.norm_k(k)).transpose(1, 2), self._heads(v).transpose(1, 2)
 
-    def cross_attention(self, x: Tensor, kv, bias: Tensor | None, attn: AttnFn) -> Tensor:
+    def cross_attention(self, x: Tensor, kv, bias: Tensor | None, attn: AttnFn, nag=None):
+        """x [B, L, D] attends to the text keys ``kv`` -> [B, L, D].  ``nag`` (params, rows,
+        negative kv, negative bias) or None: the first ``rows`` rows also attend to the negative
+        prompt and the two outputs are combined by ``wanlite.nag.guide`` before ``o``."""
         q = self._heads(self.norm_q(self.q(x))).transpose(1, 2)
-        k, v = kv
-        if bias is None:
-            out = attn(q, k, v)
-        else:  # the log-count bias needs a float mask: SDPA, in fp32 (Lk is small)
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), bias)
-            out = out.to(q.dtype)
-        return self.o(out.transpose(1, 2).flatten(2))
+        out = _attend(q, kv, bias, attn)
+        if nag is not None:
+            params, rows, (k, v), neg_bias = nag
+            k, v = (t.expand(rows, -1, -1, -1) for t in (k, v))  # one negative row, shared
+            out[:rows] = guide(out[:rows], _attend(q[:rows], (k, v), neg_bias, attn), params)
+        return self.o(out)
+
+
+def _attend(q: Tensor, kv, bias: Tensor | None, attn: AttnFn) -> Tensor:
+    """Cross-attention of q [B, heads, L, d] on (k, v) [B, heads, Lk, d] -> [B, L, D]."""
+    k, v = kv
+    if bias is None:
+        out = attn(q, k, v)
+    else:  # the log-count bias needs a float mask: SDPA, in fp32 (Lk is small)
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), bias)
+        out = out.to(q.dtype)
+    return out.transpose(1, 2).flatten(2)
 
 
 FFN_CHUNK = 4096  # tokens per FFN chunk: bounds the [L, ffn_dim] intermediate (exact)
@@ -339,20 +368,29 @@ class Block(nn.Module):
         """x [B, L, D] (stream dtype, updated in place if fp32), e0 [B or 1, 6, D] fp32.
 
         The cross-attention K/V come from ``text.kv`` (computed here on first use: with block
-        offload this is where the block's weights are resident)."""
+        offload this is where the block's weights are resident); with NAG on, the negative
+        prompt's from ``text.nag.negative.kv`` likewise."""
+        nag = None
+        if text.nag is not None and text.nag.rows:
+            neg = text.nag.negative
+            nag = (text.nag.params, text.nag.rows, self._context_kv(neg, index), neg.bias)
+        body = self.compiled_body or Block._body
+        return body(self, x, e0, self._context_kv(text, index), text.bias, rope, attn, nag)
+
+    def _context_kv(self, text: TextState, index: int) -> tuple[Tensor, Tensor]:
         kv = text.kv.get(index)
         if kv is None:
             kv = text.kv[index] = self.cross_attn.context_kv(text.ctx)
-        body = self.compiled_body or Block._body
-        return body(self, x, e0, kv, text.bias, rope, attn)
+        return kv
 
-    def _body(self, x: Tensor, e0: Tensor, kv, bias, rope, attn) -> Tensor:
+    def _body(self, x: Tensor, e0: Tensor, kv, bias, rope, attn, nag=None) -> Tensor:
         # attn: one function, or (self-attention's, cross-attention's) under sequence parallel
         self_fn, cross_fn = attn if isinstance(attn, tuple) else (attn, attn)
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, 1)
         y = self.self_attn.self_attention(_modulate(self.norm1, x, shift1, scale1), rope, self_fn)
         x = _gated_add(x, y, gate1)
-        y = self.cross_attn.cross_attention(_norm32(self.norm3, x).to(x.dtype), kv, bias, cross_fn)
+        y = _norm32(self.norm3, x).to(x.dtype)
+        y = self.cross_attn.cross_attention(y, kv, bias, cross_fn, nag)
         x = x.add_(y)
         y = _chunked_ffn(self.ffn, _modulate(self.norm2, x, shift2, scale2), self.chunk)
         return _gated_add(x, y, gate2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -55,6 +56,13 @@ class Options:
         needed for "taew2_1" and, if given, also used for live previews.
     parallel: "cfg=2,ulysses=2" (``parse_parallel``): the two guidance passes on two ranks and/or
         Ulysses sequence parallel over the DiT's heads, under torchrun (``wanlite.parallel``).
+    nag_scale / nag_tau / nag_alpha: NAG, the negative prompt applied inside the conditional
+        pass's cross-attention, so that it works at guidance 1 (``wanlite.nag``).  ``nag_scale``
+        None is off (the default); otherwise it must be > 1 (at 1 NAG would change nothing, and
+        below 1 it would pull toward the negative prompt: both are errors, not a silent "off").
+        ``nag_tau`` > 0 caps the guided features' L1 norm at tau times the positive's;
+        ``nag_alpha`` in [0, 1] blends the guided features with the positive ones.  Defaults
+        2.5 and 0.25, as Kijai's Wan node (whose scale default is 11).
     """
 
     device: str = "auto"
@@ -81,6 +89,9 @@ class Options:
     decoder: str = "vae"  # "vae" | "taew2_1"
     tae: str | None = None  # path of taew2_1.pth / .safetensors
     parallel: str | None = None  # "cfg=2,ulysses=2" under torchrun (see wanlite.parallel)
+    nag_scale: float | None = None  # NAG off; > 1 on (see wanlite.nag)
+    nag_tau: float = 2.5
+    nag_alpha: float = 0.25
 
     def __post_init__(self):
         object.__setattr__(self, "lora", tuple(parse_lora(x) for x in self.lora or ()))
@@ -125,10 +136,23 @@ class Options:
             raise ValueError("decoder 'taew2_1' needs tae: the path of taew2_1.pth/.safetensors")
         if self.tae is not None:
             object.__setattr__(self, "tae", str(self.tae))
+        self._check_nag()
         if self.parallel is not None:  # normalised: "cfg=C,ulysses=U", or None for 1 x 1
             cfg, ulysses = parse_parallel(self.parallel)
             text = f"cfg={cfg},ulysses={ulysses}" if cfg * ulysses > 1 else None
             object.__setattr__(self, "parallel", text)
+
+    def _check_nag(self) -> None:
+        def number(name: str, ok, rule: str) -> None:
+            v = getattr(self, name)
+            real = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            if not real or not ok(v):
+                raise ValueError(f"{name} must be {rule}, got {v!r}")
+
+        if self.nag_scale is not None:
+            number("nag_scale", lambda v: v > 1, "a number > 1 (or None: NAG off)")
+        number("nag_tau", lambda v: v > 0, "a number > 0")
+        number("nag_alpha", lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
     def resolve_device(self):
         import torch
@@ -332,6 +356,9 @@ FLAGS: tuple[tuple[str, type, str], ...] = (
     ("decoder", str, "vae | taew2_1 (the tiny VAE: fast, lower quality; needs --tae)"),
     ("tae", str, "path of taew2_1.pth/.safetensors (the tiny VAE; also used for previews)"),
     ("parallel", str, "cfg=2,ulysses=2 under torchrun: CFG / sequence parallel (cfg*ulysses)"),
+    ("nag_scale", float, "NAG (> 1, e.g. 11): negative prompt in cross-attention; off if unset"),
+    ("nag_tau", float, "NAG: cap of the guided features' L1 norm, times the positive's (2.5)"),
+    ("nag_alpha", float, "NAG: blend of guided and positive features, in [0, 1] (0.25)"),
 )
 
 

@@ -9,6 +9,10 @@ state stays fp32 and latents are cast to the DiT dtype only for each forward; CF
 planner finds room (else as two forwards; the two agree within float tolerance).  The DiT then
 attends to each prompt's padding as one merged key (``dit.TextState``), also exact.
 
+With ``nag_scale`` set (``wanlite.nag``), the negative prompt is encoded even at guidance <= 1
+and steers the conditional pass inside every block's cross-attention; its text state and K/V
+are prepared once per generation, like the prompt's.  The unconditional pass of CFG is unchanged.
+
 Sizes that the model cannot make directly are generated at the next valid size and cut back:
 height and width round up to a multiple of 16 (VAE stride 8 x patch 2) and are center-cropped;
 the frame count rounds up to 4k+1 (VAE temporal stride 4) and the extra frames at the end are
@@ -32,10 +36,12 @@ from tqdm.auto import tqdm
 
 from . import planner, stepcache
 from .configs import ModelConfig
+from .dit import NagText, TextState
 from .embed_cache import EmbeddingCache
 from .lifecycle import components
 from .loading import ModelSource, resolve_source
 from .memory import PeakMeter
+from .nag import NAG
 from .options import Options
 from .parallel import init_parallel
 from .params import GenerationParams, validate
@@ -237,10 +243,11 @@ class Pipeline:
         """The denoising loop as a generator: yields (step index, fp32 latents) after each step;
         on the steps it is due, ``preview`` gets that step's x0 prediction first.
 
-        ``contexts`` is [1 or 2, 512, text_dim] (cond[, uncond]) in the DiT dtype, zero-padded
-        after ``lengths`` tokens.  Runs the CFG branches as placed (batched or not), gates the
-        unconditional pass (``cfg_skip_last``) and applies the step cache; counts go to
-        ``self.stats``."""
+        ``contexts`` is [1 or 2, 512, text_dim] (cond[, negative]) in the DiT dtype, zero-padded
+        after ``lengths`` tokens; the negative row is CFG's unconditional pass when
+        ``guidance_scale`` > 1, and NAG's negative prompt when NAG is on.  Runs the CFG branches
+        as placed (batched or not), gates the unconditional pass (``cfg_skip_last``) and applies
+        the step cache; counts go to ``self.stats``."""
         o = self.options
         timesteps, state, num_steps = sampler.timesteps, sampler.state, sampler.num_steps
         latents = latents.to(self.device)
@@ -249,8 +256,9 @@ class Pipeline:
         if par is not None:  # sequence-parallel hook; previews on rank 0 only
             par.attach(dit)
             preview, sent = (preview if par.main else None), par.sent
-        branches = Branches(dit, contexts, lengths, o.cache, o.cache_threshold, par)
-        cfg = len(lengths) == 2
+        nag = None if o.nag_scale is None else NAG(o.nag_scale, o.nag_tau, o.nag_alpha)
+        branches = Branches(dit, contexts, lengths, o.cache, o.cache_threshold, par, nag)
+        cfg = len(lengths) == 2 and guidance_scale > 1.0  # (NAG alone also brings a negative)
         batched = cfg and place.cfg_batched
         if par is not None:  # the same forwards on every rank; CFG-parallel splits the pair
             batched = cfg and (par.cfg == 2 or par.broadcast_object(batched))
@@ -362,7 +370,8 @@ class Pipeline:
         return run.finish(video)
 
     def _encode_phase(self, p: GenerationParams, place: planner.Placement):
-        texts = [p.prompt, p.negative_prompt] if p.guidance_scale > 1.0 else [p.prompt]
+        negative = p.guidance_scale > 1.0 or self.options.nag_scale is not None
+        texts = [p.prompt, p.negative_prompt] if negative else [p.prompt]
         contexts = lengths = None
         if self.parallel is None or self.parallel.main:
             contexts, lengths = self.encode_texts(texts, place)
@@ -485,13 +494,25 @@ class Branches:
     """The CFG branches of one generation: prepared text and a step-cache policy per branch.
 
     "cond" and "uncond" run one prompt each; "both" runs them as one batch of 2.  Each is made
-    on first use (so sequential CFG never builds the batched text, and the other way round)."""
+    on first use (so sequential CFG never builds the batched text, and the other way round).
+    With ``nag`` (``wanlite.nag.NAG``), "cond" and row 0 of "both" get NAG against the negative
+    prompt (``contexts[1]``), whose text state (and so its per-block K/V) is prepared once and
+    shared by every branch, the unconditional one included."""
 
     def __init__(
-        self, dit, contexts: torch.Tensor, lengths: list[int], cache: str, threshold, parallel=None
+        self,
+        dit,
+        contexts: torch.Tensor,
+        lengths: list[int],
+        cache: str,
+        threshold,
+        parallel=None,
+        nag: NAG | None = None,
     ):
         self.dit, self.contexts, self.lengths = dit, contexts, lengths
         self.cache, self.threshold = cache, threshold
+        self.nag = nag
+        self.negative: TextState | None = None
         # CFG-parallel (``wanlite.parallel``): "both" runs this rank's pass and gathers the pair.
         self.parallel = parallel
         self.split = parallel is not None and parallel.cfg == 2
@@ -502,9 +523,20 @@ class Branches:
         rows = {"cond": slice(0, 1), "uncond": slice(1, 2), "both": slice(0, 2)}[name]
         if name == "both" and self.split:
             rows = slice(self.parallel.cfg_rank, self.parallel.cfg_rank + 1)
-        text = self.dit.prepare_text(self.contexts[rows], self.lengths[rows])
+        if rows == slice(1, 2):
+            text = self._negative()
+        else:
+            text = self.dit.prepare_text(self.contexts[rows], self.lengths[rows])
+            if self.nag is not None and rows.start == 0:  # row 0 is the conditional one
+                text.nag = NagText(self.nag, self._negative())
         make = stepcache.make if self.parallel is None else self.parallel.make_cache
         return text, make(self.cache, self.threshold)
+
+    def _negative(self) -> TextState:
+        """The negative prompt's text state, made once (and its K/V once per block)."""
+        if self.negative is None:
+            self.negative = self.dit.prepare_text(self.contexts[1:2], self.lengths[1:2])
+        return self.negative
 
     def run(self, name: str, x: torch.Tensor, temb, last: bool) -> torch.Tensor:
         if name not in self.state:
