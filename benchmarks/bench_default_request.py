@@ -61,11 +61,13 @@ def block_seconds(dtype: torch.dtype, blocks: int, runs: int) -> float:
 
 
 @torch.inference_mode()
-def decode_seconds(latent_frames: int, runs: int) -> float:
-    """Seconds of a full-shape VAE decode (fp32, as wanlite runs it) of 480x640 latents."""
+def decode_seconds(latent_frames: int, runs: int, dtype: torch.dtype) -> float:
+    """Seconds of a full-shape VAE decode of 480x640 latents in ``dtype`` (wanlite's VAE dtype
+    for the chosen compute dtype)."""
     vae = WanVAE(FULL.vae).eval()
     vae.load_state_dict(random_state_dict(vae, "vae", 0))
-    z = torch.randn(1, 16, latent_frames, LATENT[2], LATENT[3])
+    vae = vae.to(dtype)
+    z = torch.randn(1, 16, latent_frames, LATENT[2], LATENT[3], dtype=dtype)
     return _median_seconds(lambda: vae.decode(z), runs)
 
 
@@ -77,14 +79,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     a = p.parse_args()
     cpu = torch.device("cpu")
-    dtype = Options(dtype=a.dtype).resolve_dtype(cpu)
+    options = Options(dtype=a.dtype)
+    dtype = options.resolve_dtype(cpu)
+    vae_dtype = options.resolve_vae_dtype(dtype)
     block = block_seconds(dtype, a.blocks, a.runs)
     step = block * FULL.dit.num_layers
-    dec3 = decode_seconds(3, 1)
+    dec3 = decode_seconds(3, 1, vae_dtype)
     decode = dec3 * LATENT[1] / 3
     total = step * a.steps + decode
     print(host_line())
-    print(f"default request 480x640x81, {a.steps} steps, CFG 5 (batched), DiT in {dtype}:")
+    print(f"default request 480x640x81, {a.steps} steps, CFG 5 (batched), DiT in {dtype}, VAE "
+          f"in {vae_dtype}:")  # fmt: skip
     print(f"  one DiT block, both branches: {block:.1f} s -> one step ({FULL.dit.num_layers} "
           f"blocks): {step:.0f} s")  # fmt: skip
     print(f"  VAE decode, 3 latent frames: {dec3:.0f} s -> 21 latent frames: {decode:.0f} s")
@@ -94,6 +99,7 @@ def main() -> None:
             {
                 "host": host_cpu(),
                 "dtype": str(dtype),
+                "vae_dtype": str(vae_dtype),
                 "block_s": block,
                 "step_s": step,
                 "decode_s": decode,

@@ -77,16 +77,17 @@ def block_check() -> dict:
     }
 
 
-def decode_run(path: str, size: str, tiled: bool) -> dict:
+def decode_run(path: str, size: str, tiled: bool, vae_dtype: str) -> dict:
     """One generation (1 step, no CFG) whose decode phase is measured: peak RSS of the phase
     against the planner's decode estimate for the same call."""
     h, w, f = (int(v) for v in size.split("x"))
     params = bench_params(h, w, f, 1, 1.0)
     opts = dict(device="cpu", dtype="float32", offload="model", embed_cache=False)
+    opts["vae_dtype"] = vae_dtype
     return wanlite_generate(path, params, opts | {"vae_tiling": "on" if tiled else "off"})
 
 
-def decode_check(sizes: list[str], argv: list[str], tmp: Path) -> list[dict]:
+def decode_check(sizes: list[str], argv: list[str], tmp: Path, vae_dtype: str) -> list[dict]:
     """Tiled vs untiled decode at each size, each in its own process: measured decode peak,
     the planner's estimate, decode seconds, and the tiled frames' PSNR against untiled."""
     rows = []
@@ -104,8 +105,8 @@ def decode_check(sizes: list[str], argv: list[str], tmp: Path) -> list[dict]:
                      ratio=est / measured, seconds=r["phase_seconds"]["decode"],
                      psnr_vs_untiled=fid["psnr_db"] if tiled else None)
             )  # fmt: skip
-    print("\nVAE decode (full shapes, fp32, offload model): size, tiling: measured peak GiB, "
-          "planner GiB (ratio), seconds, PSNR tiled vs untiled")  # fmt: skip
+    print(f"\nVAE decode (full shapes, VAE {vae_dtype}, offload model): size, tiling: measured "
+          "peak GiB, planner GiB (ratio), seconds, PSNR tiled vs untiled")  # fmt: skip
     for r in rows:
         psnr = "" if r["psnr_vs_untiled"] is None else f", {r['psnr_vs_untiled']:.1f} dB"
         print(
@@ -150,6 +151,7 @@ def main() -> None:
         default="256x256x9,480x640x9",
         help="HxWxF sizes for the tiled/untiled decode check ('' to skip)",
     )
+    p.add_argument("--vae-dtype", default="float32", help="the decode check's VAE dtype")
     a = p.parse_args()
     from wanlite.loading import resolve_model
 
@@ -161,7 +163,7 @@ def main() -> None:
         path = str(resolve_model(f"random:{a.size}"))
         if a.worker.startswith("decode-"):
             _, size, tiling = a.worker.split("-")
-            save_result(decode_run(path, size, tiling == "tiled"), a.out)
+            save_result(decode_run(path, size, tiling == "tiled", a.vae_dtype), a.out)
         elif a.worker == "diffusers-bf16":
             save_result(diffusers_phases(path, params, "bfloat16"), a.out)
         else:
@@ -177,7 +179,7 @@ def main() -> None:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         res[name] = run_worker(Path(__file__), [name, "--out", str(tmp / name), *argv])
     sizes = [s for s in a.decode_sizes.split(",") if s]
-    decode = decode_check(sizes, argv, tmp) if sizes else None
+    decode = decode_check(sizes, argv, tmp, a.vae_dtype) if sizes else None
     if not names:
         print(json.dumps({"decode_check": decode}))
         return

@@ -10,7 +10,9 @@ from wanlite.cli import main
 
 
 def test_parse_modes():
-    modes = parse_modes("exact, exact:aten,compile,teacache:0.08,firstblock:0.1,cfg-skip:0.25")
+    modes = parse_modes(
+        "exact, exact:aten,compile,teacache:0.08,firstblock:0.1,cfg-skip:0.25,vae:float32"
+    )
     assert modes == {
         "exact": {},
         "exact:aten": {"linear": "aten"},
@@ -18,8 +20,9 @@ def test_parse_modes():
         "teacache:0.08": {"cache": "teacache", "cache_threshold": 0.08},
         "firstblock:0.1": {"cache": "firstblock", "cache_threshold": 0.1},
         "cfg-skip:0.25": {"cfg_skip_last": 0.25},
+        "vae:float32": {"vae_dtype": "float32"},
     }
-    for bad in ("", "fast", "teacache", "teacache:x", "exact:1"):
+    for bad in ("", "fast", "teacache", "teacache:x", "exact:1", "vae:float16"):
         with pytest.raises(ValueError, match="mode"):
             parse_modes(bad)
 

@@ -202,11 +202,11 @@ def test_partial_original_file_with_int_alpha(tmp_path, shapes):
     }
     lora = LoraSet([(_write(tmp_path, "p", sd), 1.5)], shapes)
     assert lora.names == {"blocks.1.ffn.2.weight"} and len(lora) == 1
-    d = lora("blocks.1.ffn.2.weight")
+    d = lora.delta("blocks.1.ffn.2.weight")
     assert d.dtype == torch.float32 and d.shape == shapes["blocks.1.ffn.2.weight"]
     ref = _expected(up.bfloat16(), down.bfloat16(), 1.5 * 4 / 8)
     torch.testing.assert_close(d, ref, atol=1e-6, rtol=1e-6)
-    assert lora("blocks.0.ffn.2.weight") is None and lora("blocks.1.ffn.2.bias") is None
+    assert lora.delta("blocks.0.ffn.2.weight") is None and lora.delta("blocks.1.ffn.2.bias") is None
 
 
 @pytest.mark.parametrize("prefix", ["", "diffusion_model.", "model.diffusion_model."])
@@ -215,7 +215,7 @@ def test_original_prefixes_give_the_same_deltas(tmp_path, shapes, prefix):
     other = LoraSet([(_write(tmp_path, "x", _original(shapes, 7, prefix=prefix)), 0.5)], shapes)
     assert base.names == other.names and len(base) == 2 * 10 + 4 + 2  # weights + ffn.0 biases
     for name in base.names:
-        assert torch.equal(base(name), other(name)), name
+        assert torch.equal(base.delta(name), other.delta(name)), name
 
 
 def test_peft_without_prefix_and_peft_alpha_metadata(tmp_path, shapes):
@@ -223,17 +223,19 @@ def test_peft_without_prefix_and_peft_alpha_metadata(tmp_path, shapes):
     a = LoraSet([(_write(tmp_path, "a", sd), 1.0)], shapes)
     bare = {k.removeprefix("transformer."): v for k, v in sd.items()}
     b = LoraSet([(_write(tmp_path, "b", bare), 1.0)], shapes)
-    assert a.names == b.names and all(torch.equal(a(n), b(n)) for n in a.names)
+    assert a.names == b.names and all(torch.equal(a.delta(n), b.delta(n)) for n in a.names)
     # diffusers' save_lora_weights records alpha in the metadata (PEFT scale alpha/r = 16/4).
     meta = {"transformer.r": 4, "transformer.lora_alpha": 16, "transformer.alpha_pattern": {}}
     meta["transformer.alpha_pattern"] = {"blocks.0.attn1.to_q": 2}
     c = LoraSet([(_write(tmp_path, "c", sd, {"lora_adapter_metadata": json.dumps(meta)}), 1.0)],
                 shapes)  # fmt: skip
-    torch.testing.assert_close(c("blocks.1.ffn.0.weight"), 4 * a("blocks.1.ffn.0.weight"))
+    ffn = "blocks.1.ffn.0.weight"
+    torch.testing.assert_close(c.delta(ffn), 4 * a.delta(ffn))
     torch.testing.assert_close(
-        c("blocks.0.self_attn.q.weight"), a("blocks.0.self_attn.q.weight") / 2
+        c.delta("blocks.0.self_attn.q.weight"), a.delta("blocks.0.self_attn.q.weight") / 2
     )
-    assert torch.equal(c("blocks.1.ffn.0.bias"), a("blocks.1.ffn.0.bias"))  # bias: scale only
+    bias = "blocks.1.ffn.0.bias"
+    assert torch.equal(c.delta(bias), a.delta(bias))  # bias: scale only
 
 
 def test_kohya_names_with_underscores_and_double_underscore(tmp_path, shapes):
@@ -254,9 +256,10 @@ def test_kohya_names_with_underscores_and_double_underscore(tmp_path, shapes):
     lora = LoraSet([(_write(tmp_path, "k", sd), 0.5)], shapes)
     assert lora.names == {*ref, "patch_embedding.weight"}
     for name, want in ref.items():
-        torch.testing.assert_close(lora(name), want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lora.delta(name), want, atol=1e-6, rtol=1e-6)
     conv = torch.einsum("or,rikl->oikl", conv_up[:, :, 0, 0, 0], conv_down[:, :, 0]).unsqueeze(2)
-    torch.testing.assert_close(lora("patch_embedding.weight"), 0.5 * conv, atol=1e-5, rtol=1e-5)
+    got = lora.delta("patch_embedding.weight")
+    torch.testing.assert_close(got, 0.5 * conv, atol=1e-5, rtol=1e-5)
 
 
 def test_diff_keys_on_every_kind_of_parameter(tmp_path, shapes):
@@ -277,10 +280,10 @@ def test_diff_keys_on_every_kind_of_parameter(tmp_path, shapes):
     lora = LoraSet([(_write(tmp_path, "d", sd), 0.25)], shapes)
     assert lora.names == set(targets.values())
     for k, name in targets.items():
-        assert torch.equal(lora(name), sd[k] * 0.25), name
+        assert torch.equal(lora.delta(name), sd[k] * 0.25), name
     peft = {"transformer.blocks.1.norm2.diff_b": torch.randn(64, generator=g)}  # ours: norm3
-    assert torch.equal(LoraSet([(_write(tmp_path, "n", peft), 1.0)], shapes)("blocks.1.norm3.bias"),
-                       peft["transformer.blocks.1.norm2.diff_b"])  # fmt: skip
+    norm = LoraSet([(_write(tmp_path, "n", peft), 1.0)], shapes).delta("blocks.1.norm3.bias")
+    assert torch.equal(norm, peft["transformer.blocks.1.norm2.diff_b"])
 
 
 def test_loras_add_up_and_diff_adds_to_low_rank(tmp_path, shapes):
@@ -289,11 +292,14 @@ def test_loras_add_up_and_diff_adds_to_low_rank(tmp_path, shapes):
     both = LoraSet([(a, 0.3), (b, -2.0)], shapes)
     for name in la.names | lb.names:
         want = sum(
-            0.3 * x(name) if x is la else -2.0 * x(name) for x in (la, lb) if x(name) is not None
+            0.3 * x.delta(name) if x is la else -2.0 * x.delta(name)
+            for x in (la, lb)
+            if x.delta(name) is not None
         )
-        torch.testing.assert_close(both(name), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(both.delta(name), want, atol=1e-5, rtol=1e-5)
     twice = LoraSet([(a, 1.0), (a, 1.0)], shapes)
-    torch.testing.assert_close(twice("blocks.0.ffn.0.weight"), 2 * la("blocks.0.ffn.0.weight"))
+    name = "blocks.0.ffn.0.weight"
+    torch.testing.assert_close(twice.delta(name), 2 * la.delta(name))
 
 
 def test_deltas_are_lazy_and_thread_safe(tmp_path, shapes):
@@ -302,12 +308,12 @@ def test_deltas_are_lazy_and_thread_safe(tmp_path, shapes):
                for t in (term.up_or_full, term.down) if t is not None)  # fmt: skip
     full = sum(int(np.prod(shapes[n])) for n in lora.names)
     assert held < full / 4  # factors, not deltas
-    want = {n: lora(n) for n in lora.names}
+    want = {n: lora.delta(n) for n in lora.names}
     results, errors = [], []
 
     def worker():
         try:
-            results.append({n: lora(n) for n in sorted(lora.names)})
+            results.append({n: lora.delta(n) for n in sorted(lora.names)})
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -318,7 +324,7 @@ def test_deltas_are_lazy_and_thread_safe(tmp_path, shapes):
         t.join()
     assert not errors and len(results) == 4
     assert all(torch.equal(r[n], want[n]) for r in results for n in want)
-    assert all(torch.equal(lora(n), want[n]) for n in want)  # asking again: same answer
+    assert all(torch.equal(lora.delta(n), want[n]) for n in want)  # asking again: same answer
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -425,7 +431,7 @@ def test_load_with_offload_none_merges_at_load(tiny_checkpoint, tmp_path, shapes
     merged = wanlite.load(str(tiny_checkpoint), device="cpu", dtype="float32", offload="none",
                           linear="aten", lora=[(str(path), 0.8)])  # fmt: skip
     name = "blocks.1.self_attn.q.weight"
-    delta = LoraSet([(path, 0.8)], shapes)(name)
+    delta = LoraSet([(path, 0.8)], shapes).delta(name)
     w0 = dict(plain_pipe.components["transformer"].module.named_parameters())[name]
     w1 = dict(merged.components["transformer"].module.named_parameters())[name]
     torch.testing.assert_close(w1, w0 + delta, rtol=0, atol=1e-6)

@@ -45,6 +45,8 @@ def parse_modes(spec: str) -> dict[str, dict]:
                 modes[name] = {"cache": kind, "cache_threshold": float(value)}
             elif kind == "cfg-skip":
                 modes[name] = {"cfg_skip_last": float(value)}
+            elif kind == "vae" and value in ("float32", "bfloat16"):  # the VAE's dtype, forced
+                modes[name] = {"vae_dtype": value}
             elif kind == "preset" and value:  # with a random rank-32 LoRA (mode_jobs writes it)
                 modes[name] = {"preset": value, "lora": RANDOM_LORA}
             else:
@@ -52,7 +54,7 @@ def parse_modes(spec: str) -> dict[str, dict]:
         except ValueError:
             raise ValueError(
                 f"unknown bench mode {name!r}: use exact, exact:aten, compile, teacache:<t>, "
-                "firstblock:<t>, cfg-skip:<fraction> or preset:<name>"
+                "firstblock:<t>, cfg-skip:<fraction>, vae:float32|bfloat16 or preset:<name>"
             ) from None
     if not modes:
         raise ValueError("no bench modes given")

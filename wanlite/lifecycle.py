@@ -23,6 +23,7 @@ weights are quantized layer by layer while loading, never holding the full-preci
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -121,14 +122,18 @@ class Component:
         return quantize(module, quant, self.keep)
 
     # -- weight sources ---------------------------------------------------------------------
-    def _merged(self, name: str) -> torch.Tensor:
-        """The stored tensor, plus its LoRA deltas if a LoRA changes it: then in fp32, a weight
-        stored quantized dequantized first (and quantized again by :meth:`quantized`)."""
-        t0 = time.perf_counter()
-        t = self.store.get(self.names[name])
+    def _merged(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The stored tensor, or, if a LoRA changes it, the stored tensor plus its deltas,
+        summed in fp32 and returned in ``dtype`` (a weight stored quantized is dequantized first,
+        and quantized again by :meth:`quantized`).  A stored weight is merged from the file's
+        memory map where the store has one (no copy), else from a plain read."""
+        key = self.names[name]
         if not self._lora(name):
-            return t
-        out = self.lora.merged(name, self._dequantized(name, t))
+            return self.store.get(key)
+        t0 = time.perf_counter()
+        mapped = getattr(self.store, "mapped", None)
+        with mapped(key) if mapped else contextlib.nullcontext(self.store.get(key)) as t:
+            out = self.lora.merged(name, self._dequantized(name, t), dtype)
         self.lora_seconds += time.perf_counter() - t0  # reading + merging (part of load_seconds)
         return out
 
@@ -165,7 +170,7 @@ class Component:
             if in_place and self.store.entries[key].dtype == target:
                 return self.store.view(key)
             return self.store.get(key, target)
-        return cast(self._merged(name), target)
+        return self._merged(name, target)
 
     def quantized(self, skeleton: nn.Module, mode: str, skip: str | None = None, source=None):
         """Yield (name, tensor) for every parameter of the ``mode``-quantized ``skeleton``:

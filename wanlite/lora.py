@@ -93,22 +93,14 @@ class _Term:
     down: torch.Tensor | None
     scale: float
 
-    def add_to(self, out: torch.Tensor, first: bool) -> torch.Tensor:
-        """``out`` (fp32, [rows, -1]) plus this term: a new tensor when ``first`` (``out`` is
-        the stored weight, only read), else added in place.  Low rank as one ``addmm``: no
-        full-size delta tensor is made."""
-        a = self.scale
+    def add_to(self, out: torch.Tensor, rows: slice, total: int) -> None:
+        """Add this term's ``rows`` of the parameter (flattened to [total, -1]) to ``out``
+        (fp32), in place.  Low rank as one ``addmm``: no full-size delta tensor is made."""
         if self.down is None:
-            full = self.up_or_full.float().reshape(out.shape)
-            return (
-                torch.add(out, full, alpha=self.scale)
-                if first
-                else out.add_(full, alpha=self.scale)
-            )
-        up, down = self.up_or_full.flatten(1).float(), self.down.flatten(1).float()
-        if first:
-            return torch.addmm(out, up, down, alpha=a)
-        return out.addmm_(up, down, alpha=a)
+            out.add_(self.up_or_full.reshape(total, -1)[rows].float(), alpha=self.scale)
+            return
+        up = self.up_or_full.flatten(1)[rows].float()
+        out.addmm_(up, self.down.flatten(1).float(), alpha=self.scale)
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -319,9 +311,13 @@ def load_lora(path: str | Path, scale: float, shapes: Shapes) -> dict[str, list[
     return terms
 
 
+MERGE_BLOCK = 512 * 2**10  # bytes of fp32 rows merged at once (fits a core's L2)
+
+
 class LoraSet:
     """Several LoRAs added up: ``merged(name, weight)`` is the weight plus every file's delta
-    for the parameters in ``names``.  Stateless after construction (thread-safe)."""
+    for the parameters in ``names`` (``delta(name)`` the deltas alone).  Stateless after
+    construction (thread-safe)."""
 
     def __init__(self, loras: Sequence[tuple[str | Path, float]], shapes: Shapes):
         self.shapes = dict(shapes)
@@ -338,12 +334,25 @@ class LoraSet:
     def __len__(self) -> int:
         return len(self._terms)
 
-    def merged(self, name: str, base: torch.Tensor) -> torch.Tensor:
-        """``base`` (parameter ``name`` as stored, full precision; not modified) plus every
-        file's delta, in fp32."""
+    def delta(self, name: str) -> torch.Tensor | None:
+        """The fp32 sum of the deltas of parameter ``name``, or None when no file touches it
+        (for inspection and tests; loading merges without making it)."""
+        if name not in self._terms:
+            return None
+        return self.merged(name, torch.zeros(self.shapes[name]))
+
+    def merged(self, name: str, base: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """``base`` (parameter ``name`` as stored, full precision; only read) plus every file's
+        delta, summed in fp32 and returned in ``dtype``.  In blocks of rows: the fp32 sum of a
+        block stays in the CPU's cache, so a bf16 result costs one pass over the weight."""
         shape = self.shapes[name]
-        out = base.reshape(shape[0] if len(shape) > 1 else 1, -1)
-        out = out if out.dtype == torch.float32 else out.float()
-        for i, term in enumerate(self._terms[name]):
-            out = term.add_to(out, first=i == 0)
+        flat = base.reshape(shape[0] if len(shape) > 1 else 1, -1)
+        out = torch.empty(flat.shape, dtype=dtype)
+        step = max(1, MERGE_BLOCK // (flat.shape[1] * 4))
+        for start in range(0, flat.shape[0], step):
+            rows = slice(start, start + step)
+            block = flat[rows].float() if flat.dtype != torch.float32 else flat[rows].clone()
+            for term in self._terms[name]:
+                term.add_to(block, rows, flat.shape[0])
+            out[rows] = block
         return out.reshape(shape)

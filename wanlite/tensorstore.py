@@ -122,6 +122,15 @@ class TensorStore:
         flat = torch.frombuffer(self._map(e.path), dtype=e.dtype, count=n, offset=e.offset)
         return flat.view(e.shape)
 
+    @contextlib.contextmanager
+    def mapped(self, key: str):
+        """``view(key)`` for one pass (merging a LoRA into it): its pages are dropped from the
+        process afterwards, as after a cast (the page cache keeps them)."""
+        try:
+            yield self.view(key)
+        finally:
+            self._drop(self.entries[key])
+
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A new tensor: as stored, or cast to the floating ``dtype`` while it is read."""
         e = self.entries[key]
