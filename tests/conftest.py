@@ -1,5 +1,9 @@
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +48,28 @@ def diffusers_pipe(tiny_checkpoint):
     from diffusers import WanPipeline
 
     return WanPipeline.from_pretrained(str(tiny_checkpoint), dtype=torch.float32)
+
+
+def _torchrun(script: str, args: list[str], world: int, timeout: float = 600) -> None:
+    """Run ``script args`` under ``torch.distributed.run`` with ``world`` local ranks (one thread
+    each, a free port); fail with the tail of its output if a rank fails.  The ranks share the
+    launcher's session, so they are killed with it whatever happens."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world)]
+    cmd += ["--standalone", script, *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """``torchrun(script, args, world)``: run a script under torch.distributed (``_torchrun``)."""
+    return _torchrun

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -376,20 +374,9 @@ def worker(out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def parallel_runs(tiny_checkpoint, tmp_path_factory):
+def parallel_runs(tiny_checkpoint, tmp_path_factory, torchrun):
     out = tmp_path_factory.mktemp("nag_parallel")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
-    proc = subprocess.Popen(cmd + [__file__, str(out)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=600)
-    finally:  # the ranks too, whatever happened (they are in the launcher's session)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    torchrun(__file__, [str(out)], 2)
     return out
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -104,33 +102,21 @@ def worker(out: Path, world: int) -> None:
 # --- the tests -----------------------------------------------------------------------------------
 
 
-def _launch(world: int, out: Path) -> None:
+def _launch(world: int, out: Path, torchrun) -> None:
     for ckpt in {c[1] for c in CASES[world].values()}:
         checkpoint(ckpt)  # written once, before the ranks race for it
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world)]
-    cmd += ["--standalone", __file__, str(out), str(world)]  # standalone: a free port
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=600)
-    finally:  # the ranks too, whatever happened (they are in the launcher's session)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    torchrun(__file__, [str(out), str(world)], world)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, torchrun):
     """world size -> the folder of its ranks' results (each world launched on first use)."""
     done: dict[int, Path] = {}
 
     def get(world: int) -> Path:
         if world not in done:
             done[world] = tmp_path_factory.mktemp(f"world{world}")
-            _launch(world, done[world])
+            _launch(world, done[world], torchrun)
         return done[world]
 
     return get

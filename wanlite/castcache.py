@@ -17,7 +17,7 @@ What it is and is not:
   target dtype, with a format version: a changed checkpoint or dtype gets a new file.  Old files
   are not pruned; they are named after the component, and deleting them is always safe.
 - Not used for weights quantized in RAM (they are quantized from the full-precision source) nor
-  for weights a LoRA changes (merged in fp32 from the source, then cast).
+  for weights a LoRA changes (summed with their deltas in fp32 from the source, then cast).
 - Written to a temporary name and renamed into place, so a crash or a concurrent writer never
   leaves a partial file under the real name.  Skipped (with one log line) when the disk has too
   little room; ``Options(cast_cache="off")`` / ``--cast-cache off`` turns it off.

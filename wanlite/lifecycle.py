@@ -226,15 +226,17 @@ class Component:
             rows = RowEmbedding(lambda r: self.store.get_rows(key, r), self.dtype)
             setattr(module, row_embedding, rows)
             names = [n for n in names if not n.startswith(row_embedding + ".")]
-        # In place from the file only where the module uses its weights as they are: resident,
-        # on the CPU, with no preparation step that copies them (the DiT's fused/packed GEMMs
-        # when the call asks for them, ``pack``).
-        copied = self.prepare is not None and pack
-        in_place = self.device.type == "cpu" and not stream_blocks and not copied
+        # In place from the file for resident modules on the CPU; a preparation step that
+        # re-lays weights out (the DiT's packed / fused GEMMs) reads them there too, and their
+        # mapped pages are dropped afterwards (``_drop_relaid``).
+        in_place = self.device.type == "cpu" and not stream_blocks
         state = {n: self.load(n, in_place).to(self.device) for n in names}
         assign(module, state)
+        del state
         if self.prepare is not None:
             self.packed = self.prepare(module, stream_blocks, pack)
+            if in_place and self._compact is None:  # (a quantized copy is not mapped)
+                self._drop_relaid(module, names)
             if self._compact is not None:  # keep one copy of re-laid-out weights
                 for n, p in module.named_parameters():
                     if n in self._compact and not p.is_meta:
@@ -243,6 +245,17 @@ class Component:
         self.module, self.streamed = module.eval().requires_grad_(False), stream_blocks
         self.load_seconds += time.perf_counter() - t0
         return self.module
+
+    def _drop_relaid(self, module: nn.Module, names: list[str]) -> None:
+        """Drop the mapped pages of the weights ``prepare`` replaced by re-laid-out copies (no
+        longer parameters): read only, they would otherwise stay in RSS next to the copies.
+        Safe even if a view were still alive: a private map re-reads dropped pages from disk."""
+        kept = {n for n, _ in module.named_parameters()}
+        for name in (n for n in names if n not in kept):
+            if self._casts and name in self._casts.entries:
+                self._casts.drop(name)
+            elif hasattr(self.store, "drop") and self.names[name] in self.store.entries:
+                self.store.drop(self.names[name])
 
     def _cast_args(self) -> tuple | None:
         """``castcache`` arguments for the full-precision weights used as stored, or None."""

@@ -141,7 +141,9 @@ def estimate(
     dit_act = 8 * tokens * d * 4 + 2 * min(tokens, FFN_CHUNK) * cfg.dit.ffn_dim * compute_bytes
     dit_act += 3 * c * lf * lh * lw * 4 + 2 * 512 * cfg.dit.text_dim * compute_bytes
     dit_act *= cfg_batch
-    vae_w = vae_params(cfg) * vae_bytes
+    # fp32-sized even for a bf16 VAE: measured (bench_memory --vae-dtype bfloat16), its decode
+    # peak sits that much above the activations (the fp32 file is read to cast it)
+    vae_w = vae_params(cfg) * 4
     vae_act = vae_decode_bytes(cfg, latent_shape, tiled, vae_bytes)
     keep_dit = offload == "none"
     return Estimate(

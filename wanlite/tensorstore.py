@@ -129,7 +129,11 @@ class TensorStore:
         try:
             yield self.view(key)
         finally:
-            self._drop(self.entries[key])
+            self.drop(key)
+
+    def drop(self, key: str) -> None:
+        """Drop ``key``'s mapped pages from this process (after a one-pass use of its view)."""
+        self._drop(self.entries[key])
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A new tensor: as stored, or cast to the floating ``dtype`` while it is read."""
