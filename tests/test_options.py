@@ -75,3 +75,23 @@ def test_cuda_auto_dtype_agrees_with_torch_on_each_device():
         with torch.cuda.device(i):
             native = torch.cuda.is_bf16_supported(including_emulation=False)
         assert got is (torch.bfloat16 if native else torch.float16)
+
+
+def test_auto_vae_dtype_follows_a_bf16_dit_and_never_picks_fp16():
+    auto = Options()
+    assert auto.resolve_vae_dtype(torch.bfloat16) == torch.bfloat16
+    assert auto.resolve_vae_dtype(torch.float32) == torch.float32
+    assert auto.resolve_vae_dtype(torch.float16) == torch.float32
+    assert Options(vae_dtype="float32").resolve_vae_dtype(torch.bfloat16) == torch.float32
+    with pytest.raises(ValueError, match="vae_dtype"):
+        Options(vae_dtype="int8")
+
+
+def test_cast_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANLITE_CACHE", str(tmp_path))
+    assert Options().resolve_cast_cache() == tmp_path / "cast"
+    assert Options(cast_cache="off").resolve_cast_cache() is None
+    assert Options(cast_cache=str(tmp_path / "x")).resolve_cast_cache() == tmp_path / "x"
+    for bad in ("", None, 3):
+        with pytest.raises(ValueError, match="cast_cache"):
+            Options(cast_cache=bad)

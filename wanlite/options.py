@@ -197,7 +197,7 @@ class Options:
     def resolve_vae_dtype(self, dtype):
         """The VAE's dtype, given the compute dtype ``dtype``.  "auto": bf16 when that is bf16
         (hardware with bf16 units: there the VAE's convolutions run 2.3-2.7x faster than fp32,
-        and its frames stayed within 46 dB PSNR of fp32's: README "Precision"), else fp32
+        and its frames measured 46-48 dB PSNR from fp32's: README "Precision"), else fp32
         (fp16 is never picked: the VAE's activations can overflow it).  diffusers' Wan docs
         run the VAE in fp32: ``vae_dtype="float32"``."""
         import torch
