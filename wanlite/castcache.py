@@ -115,11 +115,12 @@ def cached_casts(
     return cached
 
 
+def _cast_nbytes(e, dtype: torch.dtype) -> int:
+    return e.nbytes // e.dtype.itemsize * dtype.itemsize
+
+
 def _nbytes(store, casts: dict[str, tuple[str, torch.dtype]]) -> int:
-    entries = store.entries
-    return sum(
-        entries[k].nbytes // entries[k].dtype.itemsize * t.itemsize for k, t in casts.values()
-    )
+    return sum(_cast_nbytes(store.entries[k], t) for k, t in casts.values())
 
 
 def _write(path: Path, store, casts: dict[str, tuple[str, torch.dtype]]) -> None:
@@ -127,7 +128,7 @@ def _write(path: Path, store, casts: dict[str, tuple[str, torch.dtype]]) -> None
     header, offset = {}, 0
     for name, (key, dtype) in casts.items():
         e = store.entries[key]
-        nbytes = e.nbytes // e.dtype.itemsize * dtype.itemsize
+        nbytes = _cast_nbytes(e, dtype)
         header[name] = {"dtype": _NAMES[dtype], "shape": list(e.shape),
                         "data_offsets": [offset, offset + nbytes]}  # fmt: skip
         offset += nbytes

@@ -37,7 +37,6 @@ from . import dit as dit_mod
 from . import t5 as t5_mod
 from . import vae as vae_mod
 from .attention import resolve_name
-from .castcache import cached_casts
 from .loading import ModelSource, check_keys, weight_files
 from .memory import on_meta, trim
 from .offload import BlockStreamer, RowEmbedding, cast
@@ -272,7 +271,7 @@ class Component:
         """The cast cache (``castcache``), written now if it was not yet, or False."""
         args = self._cast_args()
         try:
-            return (args is not None and cached_casts(*args)) or False
+            return (args is not None and castcache.cached_casts(*args)) or False
         except OSError as e:  # a read-only or full cache folder: cast while reading instead
             log.warning("%s: cast cache not used (%s)", self.name, e)
             return False

@@ -93,14 +93,12 @@ class _Term:
     down: torch.Tensor | None
     scale: float
 
-    def add_to(self, out: torch.Tensor, rows: slice, total: int) -> None:
-        """Add this term's ``rows`` of the parameter (flattened to [total, -1]) to ``out``
-        (fp32), in place.  Low rank as one ``addmm``: no full-size delta tensor is made."""
+    def factors(self, total: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(up [total, r] fp32, down [r, in] fp32), or (the full delta [total, -1] as stored,
+        None): made once per merge, not once per block of rows."""
         if self.down is None:
-            out.add_(self.up_or_full.reshape(total, -1)[rows].float(), alpha=self.scale)
-            return
-        up = self.up_or_full.flatten(1)[rows].float()
-        out.addmm_(up, self.down.flatten(1).float(), alpha=self.scale)
+            return self.up_or_full.reshape(total, -1), None
+        return self.up_or_full.flatten(1).float(), self.down.flatten(1).float()
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -349,10 +347,14 @@ class LoraSet:
         flat = base.reshape(shape[0] if len(shape) > 1 else 1, -1)
         out = torch.empty(flat.shape, dtype=dtype)
         step = max(1, MERGE_BLOCK // (flat.shape[1] * 4))
+        terms = [(t.scale, *t.factors(flat.shape[0])) for t in self._terms[name]]
         for start in range(0, flat.shape[0], step):
             rows = slice(start, start + step)
             block = flat[rows].float() if flat.dtype != torch.float32 else flat[rows].clone()
-            for term in self._terms[name]:
-                term.add_to(block, rows, flat.shape[0])
+            for scale, up_or_full, down in terms:  # low rank: one addmm, no full-size delta
+                if down is None:
+                    block.add_(up_or_full[rows].float(), alpha=scale)
+                else:
+                    block.addmm_(up_or_full[rows], down, alpha=scale)
             out[rows] = block
         return out.reshape(shape)
