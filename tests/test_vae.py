@@ -89,6 +89,27 @@ def test_iter_decode_chunks(models):
     assert torch.equal(torch.cat(chunks, dim=2), ours.decode(z))
 
 
+@pytest.mark.parametrize("memory_format", ["channels_last_3d", "contiguous_format"])
+def test_both_activation_layouts_match_diffusers(models, monkeypatch, memory_format):
+    """CPU runs channels-last; other devices the contiguous layout.  Both on CPU, encode and
+    decode, so the layout-specific paths (the norm's channel sum, the upsampler's output
+    buffer) run here whatever device picks them."""
+    import wanlite.vae as vae_mod
+
+    monkeypatch.setattr(vae_mod, "layout", lambda x: getattr(torch, memory_format))
+    ours, ref = models
+    z = torch.randn(1, TINY.vae.z_dim, 3, 4, 6, generator=torch.Generator().manual_seed(5))
+    x = torch.rand(1, 3, 5, 32, 48, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():
+        expected_video, expected_mean = ref.decode(z).sample, ref.encode(x).latent_dist.mean
+    video, mean = ours.decode(z), ours.encode(x)
+    conv = ours.decoder.head[2]  # its input buffers are allocated in the layout
+    buf, _ = conv.begin(torch.zeros(1, conv.in_channels, 1, 4, 4), CausalCache())
+    assert buf.is_contiguous(memory_format=getattr(torch, memory_format))
+    _report(f"decode ({memory_format})", video, expected_video)
+    _report(f"encode ({memory_format})", mean, expected_mean)
+
+
 def test_causal_conv_chunks_equal_whole_sequence():
     torch.manual_seed(0)
     conv = CausalConv3d(4, 5, 3, padding=1)
