@@ -118,19 +118,37 @@ def test_a_cache_file_that_does_not_match_is_not_used(
     assert "does not match" in caplog.text and np.array_equal(got, frames)
 
 
-def test_lora_weights_are_merged_from_the_full_precision_source(
+def test_lora_weights_are_merged_from_the_cast_weights_when_cached(
     tiny_checkpoint, tmp_path, small_enough
 ):
+    """With the cast cache, a LoRA'd weight is bf16(bf16(W) + delta) (half the bytes to read);
+    without it bf16(W + delta) from the fp32 file: they differ by W's rounding at most."""
     from wanlite.configs import read_model_config
     from wanlite.random_checkpoint import write_random_lora
 
     lora = write_random_lora(tmp_path / "l.safetensors", read_model_config(tiny_checkpoint).dit)
     root = tmp_path / "cast"
     _load(tiny_checkpoint, root).components["transformer"].cast_file(write=True)
-    off = _load(tiny_checkpoint, root, cast_cache="off", lora=[(str(lora), 0.7)])
     on = _load(tiny_checkpoint, root, lora=[(str(lora), 0.7)])
-    assert on.components["transformer"].cast_file() is not None
-    assert np.array_equal(on.generate("a fox", **KW).frames, off.generate("a fox", **KW).frames)
+    off = _load(tiny_checkpoint, root, cast_cache="off", lora=[(str(lora), 0.7)])
+    comp = on.components["transformer"]
+    assert comp.cast_file() is not None
+    name = "blocks.0.self_attn.q.weight"
+    source = comp.store.get(comp.names[name])  # fp32
+    assert source.dtype == torch.float32
+    want_on = comp.lora.merged(name, source.to(torch.bfloat16), torch.bfloat16)
+    want_off = comp.lora.merged(name, source, torch.bfloat16)
+    got = {
+        "on": dict(comp.acquire(pack=False).named_parameters())[name],
+        "off": dict(off.components["transformer"].acquire(pack=False).named_parameters())[name],
+    }
+    assert torch.equal(got["on"], want_on) and torch.equal(got["off"], want_off)
+    assert not torch.equal(want_on, want_off)  # the second rounding shows somewhere
+    # bf16 rounds to within u = 2^-8 of a value: once W (u |W|), then each sum (u |sum|)
+    bound = 2**-8 * (source.abs() + 2 * want_off.float().abs()) * 1.01
+    assert ((want_on.float() - want_off.float()).abs() <= bound).all()
+    frames = [p.generate("a fox", **KW).frames.astype(float) for p in (on, off)]
+    assert 10 * np.log10(255**2 / max(np.mean((frames[0] - frames[1]) ** 2), 1e-12)) > 40
 
 
 def test_loading_a_pipeline_does_not_import_dynamo(tiny_checkpoint):

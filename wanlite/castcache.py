@@ -16,8 +16,10 @@ What it is and is not:
 - The key is a hash of the source files (absolute path, size, mtime) and of each tensor's
   target dtype, with a format version: a changed checkpoint or dtype gets a new file.  Old files
   are not pruned; they are named after the component, and deleting them is always safe.
-- Not used for weights quantized in RAM (they are quantized from the full-precision source) nor
-  for weights a LoRA changes (summed with their deltas in fp32 from the source, then cast).
+- Not used for weights quantized in RAM (they are quantized from the full-precision source).
+  A weight a LoRA changes is merged from its cached cast copy (summed with its deltas in fp32,
+  then rounded again: half the bytes of the fp32 source to read, and the same double rounding
+  as diffusers' bf16 ``fuse_lora``); with the cache off, from the fp32 source.
 - Written to a temporary name and renamed into place, so a crash or a concurrent writer never
   leaves a partial file under the real name.  Skipped (with one log line) when the disk has too
   little room; ``Options(cast_cache="off")`` / ``--cast-cache off`` turns it off.
