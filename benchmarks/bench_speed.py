@@ -16,11 +16,13 @@ AMX or AVX512-BF16, else fp32) and the speed ``--modes`` of ``wanlite bench`` (d
 ``exact``), every prompt encoded (fresh embedding cache).  Both engines read their weights
 inside the timed call: wanlite at first use of each component, diffusers through the memory
 map that ``from_pretrained`` leaves its safetensors in.  "weights s" is wanlite's share of its
-call; diffusers' is not separable ("-").  Before every run the checkpoint (and wanlite's cast
-cache, see ``wanlite.castcache``) is read once into the page cache, so each starts warm (as far
-as the machine's memory holds it).  The cast cache is written before the timed runs, as a
-user's first call writes it; that first call is timed once on its own (an empty cast cache)
-and printed after the table.
+call; diffusers' is not separable ("-").  Before every run what that engine reads is read once
+into the page cache, so each starts warm (as far as the machine's memory holds it), as after
+a previous call of its own: for diffusers the whole checkpoint, for wanlite the byte ranges of
+the tensors it loads (from its cast cache, see ``wanlite.castcache``, where that holds them;
+``wanlite.bench.read_set``).  The cast cache is written before the timed runs, as a user's
+first call writes it; that first call is timed once on its own (an empty cast cache) and
+printed after the table.
 
 Prints the host's CPU features (figures from different hosts are not comparable; ratios in one
 run are), a table (seconds per phase, s/step, total, weight reads, peak memory, ratios to the
@@ -41,13 +43,13 @@ from harness import bench_params, diffusers_phases, save_result
 
 from wanlite.bench import (
     add_fidelity,
-    cast_files,
     chart,
     compare,
     host_cpu,
     host_line,
     mode_jobs,
     parse_modes,
+    read_set,
     run_jobs,
     table,
 )
@@ -95,7 +97,9 @@ def main() -> None:
     modes = parse_modes(a.modes)
     jobs |= mode_jobs(path, params, modes, tmp, base)
     first = None if a.no_first_call else first_call(path, params, modes, tmp, base, a.steps)
-    warm = [path, *cast_files(path, modes, base)]  # each run from a warm page cache
+    # Each run from a warm page cache holding what that engine reads (see bench.read_set):
+    # diffusers the whole checkpoint; wanlite its tensors' byte ranges, cast cache included.
+    warm = {name: [path] for name in jobs} | {m: read_set(path, base | modes[m]) for m in modes}
     res = run_jobs(jobs, a.steps, a.repeat, warm=warm)
     refs_res = {f"diffusers-{r}": res.pop(f"diffusers-{r}") for r in refs}
     report(a, params, refs_res, res, tmp, first)

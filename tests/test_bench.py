@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from wanlite import bench
 from wanlite.bench import parse_modes, within_noise
@@ -67,3 +68,33 @@ def test_bench_without_matplotlib_prints_and_writes_json(
 def test_bench_bad_mode_is_a_clear_error(capsys):
     assert main(["bench", "--model", "random:tiny", "--modes", "warp"]) == 2
     assert "unknown bench mode 'warp'" in capsys.readouterr().err
+
+
+def test_read_set_is_what_a_call_reads(tiny_checkpoint, tmp_path, monkeypatch):
+    """The page-cache warm-up of a wanlite row: its tensors' byte ranges, the narrowed DiT
+    weights from the cast cache, the rest from the checkpoint, no umT5 token embedding."""
+    from wanlite import castcache
+    from wanlite.pipeline import load
+
+    monkeypatch.setattr(castcache, "MIN_BYTES", 0)  # the tiny DiT is far below the real bar
+    opts = dict(device="cpu", dtype="bfloat16", embed_cache=False, cast_cache=str(tmp_path))
+    places = bench.read_set(str(tiny_checkpoint), opts | {"lora": [("x.safetensors", 1.0)]})
+    ranges = [p for p in places if isinstance(p, tuple)]
+    cast = next(tmp_path.glob("transformer-*.safetensors"))
+    comps = load(str(tiny_checkpoint), **opts).components
+
+    def covered(e):
+        return any(
+            p == e.path and o <= e.offset and e.offset + e.nbytes <= o + n for p, o, n in ranges
+        )
+
+    dit = comps["transformer"]
+    for name, key in dit.names.items():
+        cast_copy = dit.store.entries[key].dtype == torch.float32 and not dit.fp32(name)
+        assert covered(dit.store.entries[key]) != cast_copy, name
+    assert any(p == cast for p, _, _ in ranges)
+    t5 = comps["text_encoder"]
+    assert not covered(t5.store.entries[t5.names["token_embedding.weight"]])
+    assert covered(t5.store.entries[t5.names["blocks.0.attn.q.weight"]])
+    assert len(ranges) < len(dit.names) // 4  # adjacent tensors read as one range
+    assert bench.warm_page_cache(*places) >= 0

@@ -175,18 +175,61 @@ def _random_lora(model: str, workdir: Path) -> Path:
     return path if path.is_file() else write_random_lora(path, read_model_config(model).dit)
 
 
-def warm_page_cache(*places: str | Path) -> float:
-    """Read every file under each of ``places`` (folders or files) once (into the OS page
-    cache, not this process), so each timed run starts from the same warm cache; returns the
-    seconds it took."""
+def warm_page_cache(*places: str | Path | tuple[Path, int, int]) -> float:
+    """Read every file under each of ``places`` (folders, files, or (file, offset, nbytes)
+    ranges) once (into the OS page cache, not this process), so each timed run starts from the
+    same warm cache; returns the seconds it took."""
     t0 = time.perf_counter()
-    files = [p for place in places for p in ([Path(place)] + sorted(Path(place).rglob("*")))]
-    for path in files:
-        if path.is_file():
+    chunk = 64 * 2**20
+    for place in places:
+        if isinstance(place, tuple):
+            path, offset, nbytes = place
             with open(path, "rb", buffering=0) as f:
-                while f.read(64 * 2**20):
-                    pass
+                for start in range(offset, offset + nbytes, chunk):
+                    os.pread(f.fileno(), min(chunk, offset + nbytes - start), start)
+            continue
+        for path in [Path(place)] + sorted(Path(place).rglob("*")):
+            if path.is_file():
+                with open(path, "rb", buffering=0) as f:
+                    while f.read(chunk):
+                        pass
     return time.perf_counter() - t0
+
+
+def read_set(model: str, opts: dict) -> list[Path | tuple[Path, int, int]]:
+    """What a wanlite call with ``opts`` reads from disk: the byte ranges of the tensors its
+    components load (from the cast cache where it holds them, else from the checkpoint; the
+    umT5's token embedding not: a prompt reads a few of its rows) and the folder's small
+    files.  Warming just these models a user's repeated calls; warming the whole checkpoint
+    (what diffusers reads) would also fill the page cache with the 5.7 GB fp32 DiT that
+    wanlite no longer reads, evicting what it does on a 24 GB machine."""
+    from .pipeline import load
+    from .tensorstore import TensorStore
+
+    pipe = load(model, **{k: v for k, v in opts.items() if k != "lora"})
+    ranges: list[tuple[Path, int, int]] = []
+    for name, comp in pipe.components.items():
+        cast = comp.cast_file(write=True)
+        casts = TensorStore([cast]).entries if cast is not None else {}
+        for ours, key in comp.names.items():
+            if name == "text_encoder" and ours.startswith("token_embedding."):
+                continue
+            e = casts.get(ours) or comp.store.entries.get(key)
+            if getattr(e, "path", None) is not None:
+                ranges.append((Path(e.path), e.offset, e.nbytes))
+    small = [f for f in Path(model).rglob("*") if f.is_file() and f.stat().st_size < 2**24]
+    return [*small, *_merged_ranges(ranges)]
+
+
+def _merged_ranges(ranges: list[tuple[Path, int, int]]) -> list[tuple[Path, int, int]]:
+    """Sorted, with adjacent or overlapping ranges of a file joined (fewer, longer reads)."""
+    out: list[list] = []
+    for path, offset, nbytes in sorted(ranges):
+        if out and out[-1][0] == path and offset <= out[-1][1] + out[-1][2]:
+            out[-1][2] = max(out[-1][2], offset + nbytes - out[-1][1])
+        else:
+            out.append([path, offset, nbytes])
+    return [tuple(r) for r in out]
 
 
 def cast_files(model: str, modes: dict[str, dict], base: dict | None = None) -> list[Path]:
@@ -208,18 +251,19 @@ def run_jobs(
     jobs: dict[str, list[str]],
     steps: int,
     repeat: int = 1,
-    warm: str | Path | list | None = None,
+    warm: str | Path | list | dict | None = None,
 ) -> dict[str, dict]:
     """Run every job ``repeat`` times, round-robin (so slow spells of a shared machine hit all
     rows alike); times are the per-phase medians (and s/step of ``steps``), peaks the maximum.
-    ``warm``: a checkpoint folder (or a list of folders and files: the cast cache's too) read
-    into the page cache before every run.  The npz path of
-    a job is its last argument."""
+    ``warm``: a checkpoint folder (or a list of places, see ``warm_page_cache``; or a dict of
+    such lists by job name: what each job reads) read into the page cache before every run.
+    The npz path of a job is its last argument."""
     runs: dict[str, list[dict]] = {name: [] for name in jobs}
     for i in range(repeat):
         for name, argv in jobs.items():
-            if warm is not None:
-                warm_page_cache(*(warm if isinstance(warm, list) else [warm]))
+            places = warm.get(name) if isinstance(warm, dict) else warm
+            if places is not None:
+                warm_page_cache(*(places if isinstance(places, list) else [places]))
             print(f"running {name} ({i + 1}/{repeat}) ...", file=sys.stderr, flush=True)
             runs[name].append(run_worker(argv) | {"npz": argv[-1]})
     return {name: _median(rs, steps) for name, rs in runs.items()}
