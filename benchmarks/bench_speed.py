@@ -148,7 +148,18 @@ def report(a, params: dict, refs: dict, mine: dict, tmp: Path, first_run: dict |
             f"load + call: {once:.1f} s ({first_run['weights_s']:.1f} s of weight reads): "
             f"{once / cold[ref]:.3f}x {ref}"
         )
+    # A preset row (its own steps and guidance) against the first mode's whole call
+    presets = {}
     for name, r in mine.items():
+        if name.startswith("preset:") and name != first:
+            presets[name] = {
+                "call_ratio": r["generate_s"] / mine[first]["generate_s"],
+                "load_and_call_ratio": cold[name] / cold[first],
+            }
+            print(
+                f"{name} vs {first}: whole call {presets[name]['call_ratio']:.3f}x "
+                f"(load + call {presets[name]['load_and_call_ratio']:.3f}x)"
+            )
         if r.get("lora_merge_s"):
             print(f"{name}: LoRA read + merge {r['lora_merge_s']:.1f} s of its weight reads")
     title = f"wanlite vs diffusers, {a.width}x{a.height}x{a.num_frames}, {a.steps} steps, CPU"
@@ -161,6 +172,7 @@ def report(a, params: dict, refs: dict, mine: dict, tmp: Path, first_run: dict |
         "time_ratio_vs_reference": mine[first]["generate_s"] / refs[ref]["generate_s"],
         "load_and_call_ratio_vs_reference": cold[first] / cold[ref],
         "first_call_ever": first_run,
+        "presets_vs_first_mode": presets,
         "results": rows,
         "fidelity_vs_references": vs,
     }
