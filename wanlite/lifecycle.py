@@ -130,8 +130,8 @@ class Component:
         When the cast cache holds the weight already in ``dtype`` (the fp32 DiT run in bf16),
         the merge starts from that copy: half the bytes to read (the fp32 file is 5.7 GB and
         rarely still in the page cache next to the 11 GB umT5), at the cost of a second
-        rounding, as diffusers' bf16 ``fuse_lora`` (the result is within one bf16 step of the
-        fp32-source merge, which ``cast_cache="off"`` keeps)."""
+        rounding, as diffusers' bf16 ``fuse_lora`` (it differs from the fp32-source merge,
+        which ``cast_cache="off"`` keeps, by at most W's bf16 rounding)."""
         key = self.names[name]
         if not self._lora(name):
             return self.store.get(key)
