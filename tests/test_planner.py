@@ -73,3 +73,30 @@ def test_cuda_budget_counts_the_allocators_cached_free_memory():
     # 5 GiB cached but unused are free for this process too.
     assert cuda_available(2 * gib, 6 * gib, 1 * gib) == 7 * gib
     assert cuda_available(2 * gib, 0, 0) == 2 * gib
+
+
+def test_nag_adds_the_negative_kv_and_its_stage_stays_under_the_forward():
+    from wanlite.planner import nag_kv_bytes, nag_stage_bytes
+
+    kw = dict(compute_bytes=2, quant="none", offload="none", tiled=True)
+    tokens, d = 21 * 30 * 52, FULL.dit.dim  # FULL_480P's tokens
+    for batch in (1, 2):
+        off = estimate(FULL, FULL_480P, cfg_batch=batch, **kw)
+        on = estimate(FULL, FULL_480P, cfg_batch=batch, nag=True, **kw)
+        # 30 blocks x (K, V) x 512 keys x 1536 x bf16: 94 MiB, kept for the whole denoise
+        assert on.denoise - off.denoise == nag_kv_bytes(FULL, 2) == 30 * 2 * 512 * 1536 * 2
+        assert (on.encode, on.decode) == (off.encode, off.decode)
+        # NAG's cross-attention peak (24 bytes per token and channel per row, +10 per extra row
+        # in bf16) is below the forward's 32 per row already counted: a max, not a sum
+        assert nag_stage_bytes(tokens, d, 2, batch) == tokens * d * (10 * batch + 14)
+        assert nag_stage_bytes(tokens, d, 2, batch) < 8 * tokens * d * 4 * batch
+    assert nag_stage_bytes(tokens, d, 4) == tokens * d * 24  # fp32: z_pos, z_neg not copied
+    assert nag_kv_bytes(FULL, 4, prompt_tokens=100) == 30 * 2 * 100 * 1536 * 4
+
+
+def test_choose_counts_nag_when_it_is_on():
+    cpu = torch.device("cpu")
+    opts = dict(max_memory="64GB", offload="none", vae_tiling="on", cfg_batch="off")
+    off = choose(FULL, FULL_480P, Options(**opts), cpu, 2).estimate
+    on = choose(FULL, FULL_480P, Options(nag_scale=11, **opts), cpu, 2).estimate
+    assert on.denoise - off.denoise == 30 * 2 * 512 * 1536 * 2

@@ -225,7 +225,18 @@ def _generate(args) -> int:
             f"DiT forwards: {st['dit_forwards']}, skipped by the step cache: "
             f"{st['dit_forwards_skipped']} (CFG {cfg}, negative pass on {st['cfg_steps']} steps)"
         )
+    nag = _nag_summary(pipe.options)
+    if nag:
+        print(nag)
     return 0
+
+
+def _nag_summary(o) -> str | None:
+    """The summary's NAG line from the options ``o``, or None when NAG is off (nothing is
+    printed then)."""
+    if o.nag_scale is None:
+        return None
+    return f"NAG: scale {o.nag_scale:g}, tau {o.nag_tau:g}, alpha {o.nag_alpha:g}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,11 @@ The estimate (bytes) for each phase is weights resident + activations + a fixed 
   residual stream and its modulated copy, q/k/v/attention output (~8 L D 4), and the FFN
   intermediate before and after GELU for one chunk of tokens (2 min(L, chunk) F s).  SDPA keeps
   attention memory linear in L.
+- NAG (``nag_scale`` set): the negative prompt's cross-attention K/V, kept for every block the
+  whole denoise (``nag_kv_bytes``).  NAG's second attention output and ``nag.guide``'s fp32
+  temporaries live only inside cross-attention, where self-attention's are already freed: that
+  stage (``nag_stage_bytes``) stays below the forward's activations above (measured: the
+  forward's peak is unchanged), so it enters as a max, not a sum.
 - umT5 activations for n tokens (both prompts): ~8 n d_model 4 + the fp32 position-bias buffer
   2 H n^2 4 + the FFN intermediates 3 n d_ff 4.
 - VAE decode: ``VAE_BYTES_PER_PIXEL_CHANNEL`` x base_dim x pixels of the region decoded at once
@@ -116,10 +121,11 @@ def estimate(
     prompt_tokens: int = 512,
     cfg_batch: int = 1,
     vae_bytes: int = 4,
+    nag: bool = False,
 ) -> Estimate:
     """Peak bytes per phase; ``cfg_batch=2`` when both CFG passes run as one batch (the DiT
     activations double).  ``quant`` is the DiT's; ``t5_quant`` the umT5's as stored (it is
-    never quantized in RAM: it runs once per new prompt)."""
+    never quantized in RAM: it runs once per new prompt).  ``nag``: NAG is on."""
     qb = 1 if quant in ("int8", "fp8") else compute_bytes
     blocks_lin, dit_other = dit_params(cfg)
     per_block = blocks_lin // cfg.dit.num_layers
@@ -141,6 +147,9 @@ def estimate(
     dit_act = 8 * tokens * d * 4 + 2 * min(tokens, FFN_CHUNK) * cfg.dit.ffn_dim * compute_bytes
     dit_act += 3 * c * lf * lh * lw * 4 + 2 * 512 * cfg.dit.text_dim * compute_bytes
     dit_act *= cfg_batch
+    if nag:
+        dit_act = max(dit_act, nag_stage_bytes(tokens, d, compute_bytes, cfg_batch))
+        dit_act += nag_kv_bytes(cfg, compute_bytes, prompt_tokens)
     # fp32-sized even for a bf16 VAE: measured (bench_memory --vae-dtype bfloat16), its decode
     # peak sits that much above the activations (the fp32 file is read to cast it)
     vae_w = vae_params(cfg) * 4
@@ -151,6 +160,36 @@ def estimate(
         denoise=RUNTIME_BASE + dit_w + dit_act + (t5_w + vae_w if keep_dit else 0),
         decode=RUNTIME_BASE + vae_w + vae_act + (dit_w + t5_w if keep_dit else 0),
     )
+
+
+def nag_stage_bytes(tokens: int, dim: int, compute_bytes: int, batch: int = 1) -> int:
+    """Bytes live at the peak of a block's cross-attention with NAG on (``dit.Attention.
+    cross_attention``), the first subtraction in ``nag.guide``.  Counted in [B, L, D] tensors:
+
+    - per row, in the compute dtype: the block's input stream and its copy updated by
+      self-attention (one tensor in fp32: updated in place), the normed input y, the queries
+      q and the prompt's attention output: 5 (4 in fp32);
+    - for the one conditional row: the negative prompt's output z_neg, and in ``guide`` the
+      fp32 copies of z_pos and z_neg and the fp32 g (``.float()`` of an fp32 tensor is the
+      tensor itself: only g is new in fp32).
+
+    bf16: 10 + 14 = 24 bytes per token and channel, fp32: 16 + 8 = 24; measured 24.0 both
+    (one full-width block, 8,400 and 25,200 tokens, torch profiler).  Self-attention peaks at
+    24.0 in bf16 too (36 in fp32), and the forward's estimate counts 8 x 4 = 32 per row: so
+    this binds only if that estimate is ever tightened below it."""
+    s = compute_bytes
+    per_row = (5 if s < 4 else 4) * s
+    nag_row = s + (3 * 4 if s < 4 else 4)
+    return tokens * dim * (batch * per_row + nag_row)
+
+
+def nag_kv_bytes(cfg: ModelConfig, compute_bytes: int, prompt_tokens: int = 512) -> int:
+    """The negative prompt's cross-attention K and V [1, Lk, D] of every block, made at its
+    first forward and kept to the end of the denoise (``dit.NagText``).  Lk is its tokens + 1
+    (the padding merged into one key), at most 512: counted as ``prompt_tokens``.  At guidance
+    <= 1, NAG's use, nothing else makes them (measured: 6,291,456 bytes for 2 blocks, bf16,
+    a 511-token negative prompt, as counted here)."""
+    return cfg.dit.num_layers * 2 * prompt_tokens * cfg.dit.dim * compute_bytes
 
 
 def vae_decode_bytes(
@@ -235,6 +274,7 @@ def choose(
     tilings = {"on": (True,), "off": (False,), "auto": (False, True)}[options.vae_tiling]
     kw = dict(compute_bytes=compute_bytes, quant=options.quant, t5_quant=t5_quant)
     kw["vae_bytes"] = vae_bytes
+    kw["nag"] = options.nag_scale is not None
 
     def est2(mode: str, tiled: bool) -> Estimate:
         return estimate(cfg, latent_shape, offload=mode, tiled=tiled, cfg_batch=2, **kw)
