@@ -200,7 +200,8 @@ def read_set(model: str, opts: dict) -> list[Path | tuple[Path, int, int]]:
     """What a wanlite call with ``opts`` reads from disk: the byte ranges of the tensors its
     components load (from the cast cache where it holds them, else from the checkpoint; the
     umT5's token embedding not: a prompt reads a few of its rows) and the folder's small
-    files.  Warming just these models a user's repeated calls; warming the whole checkpoint
+    files (not LoRA files: a bench writes its random LoRA just before the runs).  Warming
+    just these models a user's repeated calls; warming the whole checkpoint
     (what diffusers reads) would also fill the page cache with the 5.7 GB fp32 DiT that
     wanlite no longer reads, evicting what it does on a 24 GB machine."""
     from .pipeline import load
