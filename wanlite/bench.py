@@ -183,39 +183,35 @@ def warm_page_cache(*places: str | Path | tuple[Path, int, int]) -> float:
     chunk = 64 * 2**20
     for place in places:
         if isinstance(place, tuple):
-            path, offset, nbytes = place
+            ranges = [place]
+        else:
+            files = [Path(place)] + sorted(Path(place).rglob("*"))
+            ranges = [(f, 0, f.stat().st_size) for f in files if f.is_file()]
+        for path, offset, nbytes in ranges:
             with open(path, "rb", buffering=0) as f:
                 for start in range(offset, offset + nbytes, chunk):
                     os.pread(f.fileno(), min(chunk, offset + nbytes - start), start)
-            continue
-        for path in [Path(place)] + sorted(Path(place).rglob("*")):
-            if path.is_file():
-                with open(path, "rb", buffering=0) as f:
-                    while f.read(chunk):
-                        pass
     return time.perf_counter() - t0
 
 
 def read_set(model: str, opts: dict) -> list[Path | tuple[Path, int, int]]:
     """What a wanlite call with ``opts`` reads from disk: the byte ranges of the tensors its
-    components load (from the cast cache where it holds them, else from the checkpoint; the
-    umT5's token embedding not: a prompt reads a few of its rows) and the folder's small
-    files (not LoRA files: a bench writes its random LoRA just before the runs).  Warming
-    just these models a user's repeated calls; warming the whole checkpoint
-    (what diffusers reads) would also fill the page cache with the 5.7 GB fp32 DiT that
-    wanlite no longer reads, evicting what it does on a 24 GB machine."""
-    from .pipeline import load
-    from .tensorstore import TensorStore
+    components load (``Component.source_entry``: from the cast cache where it holds them, else
+    from the checkpoint; not the modules read by rows, the umT5's token embedding: a prompt
+    reads a few of its rows) and the folder's small files (not LoRA files: a bench writes its
+    random LoRA just before the runs).  Warming just these models a user's repeated calls;
+    warming the whole checkpoint (what diffusers reads) would also fill the page cache with the
+    5.7 GB fp32 DiT that wanlite no longer reads, evicting what it does on a 24 GB machine."""
+    from .pipeline import ROW_EMBEDDINGS, load
 
     pipe = load(model, **{k: v for k, v in opts.items() if k != "lora"})
     ranges: list[tuple[Path, int, int]] = []
     for name, comp in pipe.components.items():
-        cast = comp.cast_file(write=True)
-        casts = TensorStore([cast]).entries if cast is not None else {}
-        for ours, key in comp.names.items():
-            if name == "text_encoder" and ours.startswith("token_embedding."):
+        by_rows = ROW_EMBEDDINGS.get(name)
+        for ours in comp.names:
+            if by_rows is not None and ours.startswith(by_rows + "."):
                 continue
-            e = casts.get(ours) or comp.store.entries.get(key)
+            e = comp.source_entry(ours)
             if getattr(e, "path", None) is not None:
                 ranges.append((Path(e.path), e.offset, e.nbytes))
     small = [f for f in Path(model).rglob("*") if f.is_file() and f.stat().st_size < 2**24]

@@ -254,6 +254,16 @@ class Component:
         self.load_seconds += time.perf_counter() - t0
         return self.module
 
+    def source_entry(self, name: str):
+        """The stored entry (file, offset, bytes) parameter ``name`` is read from: its copy in
+        the cast cache when that holds one (the cache opened, or written, first, as
+        :meth:`acquire` does), else the checkpoint's; None when the store has no such entry."""
+        if self._casts is None:
+            self._casts = self._open_casts()
+        if self._casts and name in self._casts.entries:
+            return self._casts.entries[name]
+        return self.store.entries.get(self.names[name])
+
     def _drop_relaid(self, module: nn.Module, names: list[str]) -> None:
         """Drop the mapped pages of the weights ``prepare`` replaced by re-laid-out copies (no
         longer parameters): read only, they would otherwise stay in RSS next to the copies.

@@ -83,6 +83,11 @@ class Plan:
         return cls(h, w, f, shape)
 
 
+# The umT5's token embedding (256k x 4096: 4 GiB in fp32) is never read whole: a prompt needs
+# only its own rows, read from the checkpoint on demand (exact, a few KB each).
+ROW_EMBEDDINGS = {"text_encoder": "token_embedding"}  # component -> module read by rows
+
+
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """fp32 noise from a CPU generator, exactly as diffusers draws it for a CPU generator."""
     g = torch.Generator("cpu").manual_seed(seed)
@@ -151,10 +156,8 @@ class Pipeline:
         return ("transformer",)
 
     def _acquire(self, name: str, place: planner.Placement) -> torch.nn.Module:
-        # The umT5's token embedding (256k x 4096: 4 GiB in fp32) is never read whole: a prompt
-        # needs only its own rows, read from the checkpoint on demand (exact, a few KB each).
-        rows = "token_embedding" if name == "text_encoder" else None
         comp = self.components[name]
+        rows = ROW_EMBEDDINGS.get(name)
         return comp.acquire(place.streamed(name), row_embedding=rows, pack=place.pack)
 
     def _settle(self, place: planner.Placement) -> None:
