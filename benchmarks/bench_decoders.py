@@ -29,9 +29,9 @@ from wanlite.bench import host_line
 def _full_vae():
     from safetensors.torch import load_file
 
-    from wanlite.configs import read_model_config
-    from wanlite.random_checkpoint import ensure_random_checkpoint
-    from wanlite.vae import WanVAE, from_diffusers_key
+    from wanlite.models.configs import read_model_config
+    from wanlite.models.vae import WanVAE, from_diffusers_key
+    from wanlite.weights.random_checkpoint import ensure_random_checkpoint
 
     path = ensure_random_checkpoint("full")
     cfg = read_model_config(path).vae
@@ -44,13 +44,13 @@ def _full_vae():
 def _worker(decoder: str, size: str, threads: int, tae_path: str) -> dict:
     import torch
 
-    from wanlite.pipeline import to_uint8
+    from wanlite.frames import to_uint8
 
     torch.set_num_threads(threads)
     h, w, f = (int(v) for v in size.split("x"))
     t0 = time.perf_counter()
     if decoder == "taew2_1":
-        from wanlite.taehv import load_tiny_decoder
+        from wanlite.models.taehv import load_tiny_decoder
 
         model = load_tiny_decoder(tae_path)
     else:
@@ -90,7 +90,7 @@ def main() -> int:
     if args.worker:
         print(json.dumps(_worker(*args.worker[:2], args.threads, args.worker[2])))
         return 0
-    from wanlite.random_checkpoint import ensure_random_checkpoint, write_random_taehv
+    from wanlite.weights.random_checkpoint import ensure_random_checkpoint, write_random_taehv
 
     print(host_line())
     print(f"torch threads: {args.threads}")

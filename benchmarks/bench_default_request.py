@@ -4,7 +4,8 @@ from measured pieces at the real 1.3B shapes (random weights, the same arithmeti
     python benchmarks/bench_default_request.py [--dtype auto] [--blocks 2]
 
 A whole default request takes hours on a 2-core CPU, so it is not run end to end.  Measured
-instead, each the median of a few runs after a warm-up:
+instead (``--whole-call`` runs whole ``wanlite generate`` processes of the fast recipe instead:
+3 steps, guidance 1, radial attention, the tiny VAE), each the median of a few runs after a warm-up:
 - one DiT block forward on the request's token stream (21 x 30 x 40 = 25,200 tokens per
   branch), both CFG branches batched, in wanlite's compute dtype; a step is ``num_layers`` of
   those (the embedders and the head are a rounding error next to 30 blocks);
@@ -19,19 +20,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
+import resource
+import shutil
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from wanlite.bench import host_cpu, host_line
-from wanlite.configs import FULL
-from wanlite.dit import WanDiT
+from wanlite.bench import host_cpu, host_line, run_worker
+from wanlite.models.configs import FULL
+from wanlite.models.dit import WanDiT
+from wanlite.models.vae import WanVAE
 from wanlite.options import Options
-from wanlite.random_checkpoint import random_state_dict
-from wanlite.vae import WanVAE
+from wanlite.weights.random_checkpoint import random_state_dict
 
 LATENT = (16, 21, 60, 80)  # 480x640x81 in latent space
+PROMPT = "a red fox running through snow, cinematic"
+PHASES = ("load", "encode", "denoise", "decode")
 
 
 def _median_seconds(fn, runs: int) -> float:
@@ -71,13 +78,78 @@ def decode_seconds(latent_frames: int, runs: int, dtype: torch.dtype) -> float:
     return _median_seconds(lambda: vae.decode(z), runs)
 
 
+WHOLE_MODES = {  # the fast whole-call recipe at the default size, and its dense baseline
+    # the authors' few-step setting (scripts/wan_t2v_inference_lightx2v.sh): with the 12 dense
+    # first steps of the 50-step default, every step of a 3-step call would be dense
+    "radial": ["--attention", "radial", "--radial-dense-steps", "1", "--radial-dense-blocks", "1"],
+    "sdpa": ["--attention", "sdpa"],
+}
+_PHASE = re.compile(r"^(load|encode|denoise|decode): ([0-9.]+) s")
+
+
+def whole_call(model: str, mode: str, steps: int, workdir: Path) -> dict:
+    """One ``wanlite generate`` at 480x640x81 as a whole process: ``steps`` steps, guidance 1,
+    the tiny VAE decoder (a random ``taew2_1``), from an empty cast cache (the first call on a
+    machine); its phases as the CLI reports them, the wall time and the peak RSS."""
+    import subprocess
+    import sys
+
+    from wanlite.weights.random_checkpoint import write_random_taehv
+
+    tae = write_random_taehv(workdir / "taew2_1.safetensors")
+    cast = workdir / f"cast-{mode}"
+    shutil.rmtree(cast, ignore_errors=True)
+    cmd = [sys.executable, "-m", "wanlite", "generate", "--model", model, "--prompt", PROMPT]
+    cmd += ["--size", "640x480", "--num-frames", "81", "--num-inference-steps", str(steps)]
+    cmd += ["--guidance-scale", "1", "--decoder", "taew2_1", "--tae", str(tae), "--seed", "42"]
+    cmd += ["--cast-cache", str(cast), "--out", str(workdir / f"{mode}.mp4"), "--overwrite"]
+    cmd += WHOLE_MODES[mode]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{mode} failed:\n{r.stderr[-3000:]}")
+    phases = {m[1]: float(m[2]) for line in r.stdout.splitlines() if (m := _PHASE.match(line))}
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # its only child
+    return {"mode": mode, "wall_s": wall, "phases": phases, "peak": peak}
+
+
+def main_whole(a) -> None:
+    workdir = Path(a.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(host_line())
+    rows = []
+    for mode in a.modes.split(","):  # each through a worker process of its own: its own peak
+        args = ["--whole-worker", mode, "--model", a.model, "--steps", str(a.steps)]
+        rows.append(run_worker([__file__, *args, "--workdir", str(workdir)]))
+    print(f"\n480x640x81, {a.steps} steps, guidance 1, tiny VAE, {a.model}, empty cast cache:")
+    print(
+        "| mode | load s | encode s | denoise s | decode s | wall s | peak RSS GiB (max so far) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ph = r["phases"]
+        cells = " | ".join(f"{ph.get(k, float('nan')):.1f}" for k in PHASES)
+        print(f"| {r['mode']} | {cells} | {r['wall_s']:.1f} | {r['peak'] / 2**30:.2f} |")
+    print(json.dumps({"host": host_cpu(), "model": a.model, "steps": a.steps, "runs": rows}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dtype", default="auto")
     p.add_argument("--blocks", type=int, default=1, help="DiT blocks per timed forward")
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--whole-call", action="store_true", help="run whole generate processes")
+    p.add_argument("--model", default="random:full", help="--whole-call: the checkpoint")
+    p.add_argument("--modes", default="radial,sdpa", help="--whole-call: " + ",".join(WHOLE_MODES))
+    p.add_argument("--workdir", default="/tmp/wanlite-whole-call", help="--whole-call: files")
+    p.add_argument("--whole-worker", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.whole_worker:
+        return print(json.dumps(whole_call(a.model, a.whole_worker, a.steps, Path(a.workdir))))
+    if a.whole_call:
+        return main_whole(a)
     cpu = torch.device("cpu")
     options = Options(dtype=a.dtype)
     dtype = options.resolve_dtype(cpu)

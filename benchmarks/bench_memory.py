@@ -45,9 +45,9 @@ def block_check() -> dict:
     """Peak RSS of one full-shape DiT block forward at 480P's 32,760 tokens, fp32, CPU."""
     import torch
 
-    from wanlite.configs import FULL
-    from wanlite.dit import FFN_CHUNK, WanDiT
-    from wanlite.random_checkpoint import random_state_dict
+    from wanlite.models.configs import FULL
+    from wanlite.models.dit import FFN_CHUNK, WanDiT
+    from wanlite.weights.random_checkpoint import random_state_dict
 
     cfg = FULL.dit
     import dataclasses
@@ -117,8 +117,8 @@ def decode_check(sizes: list[str], argv: list[str], tmp: Path, vae_dtype: str) -
 
 
 def planner_table() -> dict:
-    from wanlite.configs import FULL
-    from wanlite.planner import estimate
+    from wanlite.models.configs import FULL
+    from wanlite.runtime.planner import estimate
 
     out = {}
     for name, o in PROFILES.items():
@@ -153,7 +153,7 @@ def main() -> None:
     )
     p.add_argument("--vae-dtype", default="float32", help="the decode check's VAE dtype")
     a = p.parse_args()
-    from wanlite.loading import resolve_model
+    from wanlite.weights.loading import resolve_model
 
     params = bench_params(a.height, a.width, a.num_frames, a.steps, 5.0)
     if a.worker == "block":

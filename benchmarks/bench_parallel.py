@@ -14,7 +14,7 @@ rank loads, runs one warm-up step, then the timed request (``output_type="latent
 denoising loop, which is what is parallel).  Reported per layout: denoise wall (the slowest
 rank), peak RSS of the denoise phase on rank 0 (which also holds the umT5 and VAE here,
 ``offload="none"``) and on the other ranks (the DiT only), and bytes sent per rank per step
-(counted in ``wanlite.parallel``).  Ends with one JSON line.
+(counted in ``wanlite.runtime.parallel``).  Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ LAYOUTS = ["none", "cfg=2", "ulysses=2", "cfg=2,ulysses=2", "ulysses=4"]
 
 def checkpoint(layers: int) -> Path:
     """The full random checkpoint (umT5 with 2 layers) with a ``layers``-block DiT."""
-    from wanlite import random_checkpoint as rc
-    from wanlite.configs import FULL
-    from wanlite.dit import WanDiT, to_diffusers_key
+    from wanlite.models.configs import FULL
+    from wanlite.models.dit import WanDiT, to_diffusers_key
     from wanlite.paths import cache_dir
+    from wanlite.weights import random_checkpoint as rc
 
     base = rc.ensure_random_checkpoint("full", t5_layers=2)
     out = cache_dir() / f"bench-parallel-{layers}blocks-v1"

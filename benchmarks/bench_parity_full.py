@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--guidance", type=float, default=5.0)
     a = p.parse_args()
-    from wanlite.loading import resolve_model
+    from wanlite.weights.loading import resolve_model
 
     path = str(resolve_model(f"random:full:{a.t5_layers}"))
     params = bench_params(a.height, a.width, a.num_frames, a.steps, a.guidance)

@@ -19,7 +19,7 @@ map that ``from_pretrained`` leaves its safetensors in.  "weights s" is wanlite'
 call; diffusers' is not separable ("-").  Before every run what that engine reads is read once
 into the page cache, so each starts warm (as far as the machine's memory holds it), as after
 a previous call of its own: for diffusers the whole checkpoint, for wanlite the byte ranges of
-the tensors it loads (from its cast cache, see ``wanlite.castcache``, where that holds them;
+the tensors it loads (from its cast cache, see ``wanlite.weights.castcache``, where that holds them;
 ``wanlite.bench.read_set``).  The cast cache is written before the timed runs, as a user's
 first call writes it; that first call is timed once on its own (an empty cast cache) and
 printed after the table.
@@ -77,7 +77,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     a = parse_args()
-    from wanlite.loading import resolve_model
+    from wanlite.weights.loading import resolve_model
 
     params = bench_params(a.height, a.width, a.num_frames, a.steps, 5.0)
     path = str(resolve_model(f"random:{a.size}"))  # built once, outside the timed workers

@@ -2,16 +2,20 @@
 
 - attention backends on self-attention ``[1, 12, 1280, 128]`` fp32 (12 heads, head_dim 128;
   1280 tokens = a 256x256, 17-frame video), against the ``math`` reference;
-- ``QLinear`` (int8, fp8, bf16 storage) vs plain fp32 ``nn.Linear``, x ``[1, 1280, 1536]``
-  through 1536->1536 and 1536->8960 layers;
+- ``QLinear`` (int8, fp8 storage) and ``PackedLinear`` (fp32 weights packed for oneDNN, what
+  resident fp32 blocks run on CPU) vs plain fp32 ``nn.Linear``, x ``[1, 1280, 1536]`` through
+  1536->1536 and 1536->8960 layers;
 - ``fused_linear`` over three fused 1536->1536 layers (one GEMM) vs three separate calls.
 
 Every benchmark also checks its result (shape, closeness to the fp32 reference).  Run::
 
     python -m pytest benchmarks/test_micro.py --benchmark-only
 
-``--benchmark-disable`` runs each once as a plain test.  Not collected by the default
-``python -m pytest`` (testpaths is ``tests``).  Needs ``pytest-benchmark`` (``test`` extra).
+``--benchmark-disable`` runs each once as a plain test: CI (``.ci/run``) does that after the
+test suite, as a smoke test of these kernels and of this file (about a minute on 2 cores).  Not
+collected by the default ``python -m pytest`` (testpaths is ``tests``).  Needs
+``pytest-benchmark`` (``test`` extra).  The whole-model comparisons are the ``bench_*.py``
+scripts beside it.
 """
 
 import copy
@@ -21,8 +25,8 @@ import pytest
 import torch
 from torch import nn
 
-from wanlite.attention import _math, available, chunked, resolve
-from wanlite.quant import QLinear, fuse_linears, fused_linear
+from wanlite.ops.attention import _math, available, chunked, resolve
+from wanlite.ops.quant import PackedLinear, QLinear, fuse_linears, fused_linear, onednn_available
 
 ROUNDS = dict(rounds=5, iterations=1)
 HEADS, TOKENS, HEAD_DIM, DIM, FFN_DIM = 12, 1280, 128, 1536, 8960
@@ -96,8 +100,9 @@ def _linear_case(out_features: int):
         return x, lin, lin(x)
 
 
-# relative (Frobenius) error bound against the fp32 layer
-LINEAR_TOL = {"fp32": 0.0, "int8": 0.02, "bf16": 0.01, "fp8": 0.10}
+# relative (Frobenius) error bound against the fp32 layer; packed: the same fp32 products,
+# summed in another order
+LINEAR_TOL = {"fp32": 0.0, "packed": 1e-5, "int8": 0.02, "fp8": 0.10}
 
 
 @pytest.mark.parametrize("out_features", [DIM, FFN_DIM])
@@ -105,12 +110,19 @@ LINEAR_TOL = {"fp32": 0.0, "int8": 0.02, "bf16": 0.01, "fp8": 0.10}
 def test_linear(benchmark, mode, out_features):
     benchmark.group = f"linear [1,1280,1536] -> {out_features}"
     x, lin, ref = _linear_case(out_features)
-    layer = lin if mode == "fp32" else QLinear.from_linear(lin, mode)
+    if mode == "packed" and not onednn_available():
+        pytest.skip("this torch build cannot pack fp32 weights for oneDNN")
+    if mode in ("fp32", "packed"):
+        layer = lin if mode == "fp32" else PackedLinear(lin)
+    else:
+        layer = QLinear.from_linear(lin, mode)
     with torch.inference_mode():
         out = benchmark.pedantic(layer, (x,), **ROUNDS)
     assert out.shape == (1, TOKENS, out_features) and out.dtype == torch.float32
     if mode == "fp32":
         assert torch.equal(out, ref)
+    elif mode == "packed":
+        assert _rel_err(out, ref) < LINEAR_TOL[mode]
     else:
         err = _rel_err(out, ref)
         assert 0 < err < LINEAR_TOL[mode], f"{mode}: relative error {err:.4f}"

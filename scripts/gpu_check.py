@@ -1,54 +1,70 @@
 """The GPU check: what a session with one GPU for a few minutes should run, in one command.
 
     python scripts/gpu_check.py                       # CUDA, random:full:2, 480x640x81, 2 steps
-    python scripts/gpu_check.py --device cpu --quick  # CI: random:tiny at a small size (< 2 min)
+    python scripts/gpu_check.py --wheels DIR          # install a wheel folder first (offline;
+                                                      # default: ./wheels when it exists)
+    python scripts/gpu_check.py --device cpu --quick  # CI: random:tiny at a small size
 
-It prints one table and, as its last line, one JSON object with:
+Made for a bare box: only a CUDA torch (2.11+), python3 and this folder, no network, a few
+minutes.  Every section runs in its own process (``--section NAME``) under its own time limit,
+so a missing package, an error, a crash or a hang costs that section only and is reported in the
+table and the JSON; a section past the overall ``--budget`` is recorded as skipped.  The driver
+needs nothing but the standard library.  ``--wheels DIR`` installs a folder of wheels first
+(``pip install --no-index``, or plain unzipping where pip is missing) into a private folder put
+on the sections' ``PYTHONPATH``; the checkpoint is written in the background meanwhile.
 
-- ``tests``: every test marked ``@pytest.mark.cuda``, run (on CUDA) or listed as skipped with
-  the reason (elsewhere), from ``pytest -m cuda``'s JUnit report;
-- ``parity``: our frames against diffusers' ``WanPipeline`` on the same checkpoint, seed and
-  size (PSNR in dB over uint8 frames, latents max |diff|);
-- ``wall``: load + generate seconds, ours (default options) against diffusers loaded as its Wan
-  docs show (``torch_dtype=bfloat16``, VAE in fp32, ``enable_model_cpu_offload()`` on CUDA);
-- ``memory``: peak memory per phase (``torch.cuda.max_memory_allocated`` on CUDA, RSS on CPU)
-  for each offload mode x quantization, beside the planner's estimate for the same placement;
-- ``attention``: each attention backend that can run here (the others with the reason), its
-  denoise seconds and latents max |diff| against SDPA.
+Sections, most important first (seconds allowed on a GPU):
 
-Only the public API is used (``wanlite.load``, ``Pipeline.generate``, ``Video``, the planner's
-``Placement.estimate``), so the check breaks when the API does, not when internals move.  Each
-entry catches its own error (recorded, the check goes on); entries past ``--budget`` seconds are
-recorded as skipped, so the check ends in time on a slow GPU.  Checkpoints are random (weights
-are noise): this measures speed, memory and agreement, not pictures.
+- ``env`` (30): torch / CUDA / GPU, which optional packages import, the wheel install;
+- ``tests`` (120): every ``@pytest.mark.cuda`` test (skipped with the reason without pytest);
+- ``memory`` (150): peak memory per offload mode x quantization beside the planner's estimate:
+  ``torch.cuda.max_memory_allocated`` per phase, and the memory the GPU really used (the
+  driver's ``mem_get_info``: before, after, and the peak sampled every 20 ms);
+- ``parity`` (120): our bf16 frames against diffusers' ``WanPipeline`` (PSNR) and the wall time
+  against diffusers with ``enable_model_cpu_offload()`` (skipped with the reason without
+  diffusers; our own times are still reported);
+- ``attention`` (60): SDPA's kernels on the DiT's attention shape, then each wanlite backend end
+  to end against SDPA, then ``ATTENTION_HOOKS`` (radial / VSA / Triton kernels register there);
+- ``fp8`` (30): ``torch._scaled_mm`` (fp8 per-token x per-channel scales) against bf16 GEMMs on
+  the DiT's linear shapes (sm89+);
+- ``kernels`` (45): wanlite's int8 / fp8 ``QLinear`` (the backend resolved for this GPU)
+  against bf16 and the dequantizing path, and the fused Triton kernels (``wanlite.kernels``)
+  against the model's torch functions; ``use_kernel`` says which win here;
+- ``causal`` (60): the causal (streaming) path: ``Pipeline.stream`` chunk times and memory.
+
+It prints one table and, as its last line, one JSON object.  Checkpoints are random (weights are
+noise): this measures speed, memory and agreement, not pictures.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
+import zipfile
 from pathlib import Path
 
-import numpy as np
-import torch
-
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import wanlite  # noqa: E402
-from wanlite.attention import NAMES, available  # noqa: E402
-from wanlite.loading import resolve_model  # noqa: E402
-
-PROMPT, NEGATIVE, SEED = "a red fox running through snow", "blurry, low quality", 1234
+HERE = Path(__file__).resolve().parent
 FULL = dict(model="random:full:2", height=480, width=640, num_frames=81, steps=2)
 QUICK = dict(model="random:tiny", height=32, width=48, num_frames=5, steps=2)
-KEYS = ("device", "dtype", "model", "size", "tests", "parity", "wall", "memory", "attention")
+# name: (seconds allowed on a GPU, with --quick); the order is the run order and importance
+SECTIONS = {
+    "env": (30, 60),
+    "tests": (120, 150),
+    "memory": (150, 180),
+    "parity": (120, 120),
+    "attention": (60, 90),
+    "fp8": (30, 30),
+    "kernels": (45, 60),
+    "causal": (60, 90),
+}
+NEEDS_MODEL = ("memory", "parity", "attention", "causal")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,239 +73,145 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="random:tiny at a small size")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--model", default=None, help="default: random:full:2 (random:tiny quick)")
-    p.add_argument("--budget", type=float, default=450.0, help="seconds before entries skip")
-    return p.parse_args(argv)
+    p.add_argument("--budget", type=float, default=450.0, help="seconds for all sections")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
+    p.add_argument("--wheels", default=None, help="wheels to install first (default: ./wheels)")
+    p.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: run one
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    size = dict(QUICK if args.quick else FULL)
+    args.model = args.model or size.pop("model")
+    size.pop("model", None)
+    args.size = size
+    if args.wheels is None and (REPO / "wheels").is_dir():  # prepared beside the code
+        args.wheels = str(REPO / "wheels")
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    return args
 
 
-# --- helpers ------------------------------------------------------------------------------------
+# --- wheels ------------------------------------------------------------------------------------
 
 
-def gen_kwargs(size: dict) -> dict:
-    return dict(
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE,
-        height=size["height"],
-        width=size["width"],
-        num_frames=size["num_frames"],
-        num_inference_steps=size["steps"],
-        seed=SEED,
-        progress=False,
-    )
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def guarded(entry: dict, deadline: float, fn) -> dict:
-    """``fn()``'s fields merged into ``entry``; an error or the time budget is recorded."""
-    if time.perf_counter() > deadline:
-        return {**entry, "status": "skipped: time budget"}
+def install_wheels(folder: Path, target: Path) -> dict:
+    """Install every wheel of ``folder`` into ``target`` without the network: pip if it runs
+    (``--no-index --no-deps --target``: the folder was resolved where it was downloaded), else
+    unzip each wheel (a wheel is a zip of importable files)."""
+    wheels = sorted(folder.glob("*.whl"))
+    if not wheels:
+        return {"status": f"error: no .whl files in {folder}"}
+    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet"]
+    cmd += ["--target", str(target), *map(str, wheels)]
     try:
-        return {**entry, "status": "ok", **fn()}
-    except Exception as e:  # one broken entry must not hide the others
-        return {**entry, "status": f"error: {type(e).__name__}: {e}"[:300]}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        if proc.returncode == 0:
+            return {"status": "ok", "how": "pip", "wheels": len(wheels)}
+        why = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+    except (OSError, subprocess.TimeoutExpired) as e:
+        why = [str(e)]
+    for w in wheels:  # no pip (or it failed): unzip
+        with zipfile.ZipFile(w) as z:
+            z.extractall(target)
+    return {"status": "ok", "how": f"unzipped (pip: {why[0][:120]})", "wheels": len(wheels)}
 
 
-# --- sections ----------------------------------------------------------------------------------
+# --- the driver --------------------------------------------------------------------------------
 
 
-def cuda_tests() -> list[dict]:
-    """Run ``pytest -m cuda`` (on a machine without CUDA every one is skipped with its reason)."""
+def child_env(extra: Path | None) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    paths = [str(extra)] if extra else []
+    env["PYTHONPATH"] = os.pathsep.join([*paths, str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_section(name: str, args, limit: float, env: dict) -> tuple[dict, dict]:
+    """Run one section in its own process group, killed after ``limit`` seconds; (its result
+    keys, its status).  A section writes its JSON as it goes: a timeout keeps what is done."""
     with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "cuda.xml"
-        cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider"]
-        cmd += [f"--junitxml={report}", "tests"]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if not report.is_file():
-            raise RuntimeError(f"pytest wrote no report: {proc.stdout[-500:]}{proc.stderr[-500:]}")
-        tests = []
-        for case in ET.parse(report).getroot().iter("testcase"):
-            outcome, reason = "passed", ""
-            for kind in ("skipped", "failure", "error"):
-                node = case.find(kind)
-                if node is not None:
-                    outcome, reason = kind, (node.get("message") or "")[:200]
-            name = f"{case.get('classname')}::{case.get('name')}"
-            tests.append({"test": name, "outcome": outcome, "reason": reason})
-    return tests
-
-
-def run_ours(model: str, kw: dict, output_type: str = "frames", **options) -> dict:
-    t0 = time.perf_counter()
-    pipe = wanlite.load(model, **options)
-    loaded = time.perf_counter()
-    video = pipe.generate(**kw, output_type=output_type)
-    done = time.perf_counter()
-    estimate = pipe.placement.estimate.as_dict()
-    out = dict(
-        video=video,
-        load_s=loaded - t0,
-        generate_s=done - loaded,
-        placement=pipe.placement.offload,
-        estimate=estimate,
-    )
-    del pipe
-    return out
-
-
-def run_diffusers(path: Path, kw: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """diffusers as its Wan docs load it: the VAE in fp32, CPU offload of whole models on CUDA."""
-    from diffusers import AutoencoderKLWan, WanPipeline
-
-    t0 = time.perf_counter()
-    # ``dtype=`` is what the docs' ``torch_dtype=`` is called in current diffusers.
-    vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32)
-    pipe = WanPipeline.from_pretrained(path, vae=vae, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    if device.type == "cuda":
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    loaded = time.perf_counter()
-    out = pipe(
-        prompt=kw["prompt"],
-        negative_prompt=kw["negative_prompt"],
-        height=kw["height"],
-        width=kw["width"],
-        num_frames=kw["num_frames"],
-        num_inference_steps=kw["num_inference_steps"],
-        generator=torch.Generator("cpu").manual_seed(kw["seed"]),
-        output_type="np",
-    ).frames[0]
-    done = time.perf_counter()
-    frames = np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
-    del pipe
-    return dict(frames=frames, load_s=loaded - t0, generate_s=done - loaded)
-
-
-def parity_and_wall(args, device, dtype, kw) -> tuple[dict, dict]:
-    """One run each (ours with default options, diffusers as documented) gives both."""
-    ours = run_ours(args.model, kw, device=str(device), dtype=str(dtype).removeprefix("torch."))
-    free_memory(device)
-    ref = run_diffusers(resolve_model(args.model), kw, device, dtype)
-    free_memory(device)
-    frames = ours["video"].frames
-    parity = dict(psnr_db=psnr(frames, ref["frames"]), frames_shape=list(frames.shape))
-    ours_s, ref_s = ours["load_s"] + ours["generate_s"], ref["load_s"] + ref["generate_s"]
-    wall = dict(
-        wanlite_load_s=ours["load_s"],
-        wanlite_generate_s=ours["generate_s"],
-        wanlite_offload=ours["placement"],
-        diffusers_load_s=ref["load_s"],
-        diffusers_generate_s=ref["generate_s"],
-        speedup=ref_s / ours_s,
-    )
-    return parity, wall
-
-
-def memory_matrix(args, device, dtype, kw, deadline) -> list[dict]:
-    rows = []
-    for offload in ("none", "model", "blocks"):
-        for quant in ("none", "int8", "fp8"):
-
-            def run(offload=offload, quant=quant):
-                r = run_ours(
-                    args.model, kw, device=str(device), dtype=str(dtype).removeprefix("torch."),
-                    offload=offload, quant=quant, embed_cache=False,
-                )  # fmt: skip
-                peak = r["video"].peak_memory
-                ratio = {k: peak[k] / r["estimate"][k] for k in peak if r["estimate"].get(k)}
-                return dict(peak=peak, estimate=r["estimate"], peak_over_estimate=ratio)
-
-            rows.append(guarded(dict(offload=offload, quant=quant), deadline, run))
-            free_memory(device)
-    return rows
-
-
-def attention_backends(args, device, dtype, kw, deadline) -> list[dict]:
-    rows, reference = [], None
-    for name in ("sdpa", *(n for n in NAMES if n not in ("auto", "sdpa"))):
-        reason = available(name, device, dtype)
-        if reason is not None:
-            rows.append(dict(backend=name, status=f"unavailable: {reason}"))
-            continue
-
-        def run(name=name):
-            nonlocal reference
-            opts = dict(device=str(device), dtype=str(dtype).removeprefix("torch."))
-            r = run_ours(args.model, kw, "latent", attention=name, embed_cache=False, **opts)
-            lat = r["video"].latents.float().cpu()
-            reference = lat if reference is None else reference
-            diff = (lat - reference).abs().max().item()
-            return dict(denoise_s=r["video"].timings["denoise"], latents_max_diff=diff)
-
-        rows.append(guarded(dict(backend=name), deadline, run))
-        free_memory(device)
-    return rows
-
-
-# --- report ------------------------------------------------------------------------------------
-
-
-def gib(n) -> str:
-    return f"{n / 2**30:.2f}"
-
-
-def print_table(r: dict) -> None:
-    print(f"\n== GPU check: {r['device']} {r['dtype']} {r['model']} {r['size']} ==")
-    print("\n-- tests marked cuda --")
-    for t in r["tests"]:
-        print(f"  {t['outcome']:8s} {t['test']}  {t['reason']}")
-    p, w = r["parity"], r["wall"]
-    print(f"\n-- parity vs diffusers: {p}")
-    print(f"-- wall: {w}")
-    print("\n-- peak memory per phase, GiB (estimate) --")
-    print(f"  {'offload':8s} {'quant':6s} {'encode':>16s} {'denoise':>16s} {'decode':>16s}")
-    for m in r["memory"]:
-        if m["status"] != "ok":
-            print(f"  {m['offload']:8s} {m['quant']:6s} {m['status']}")
-            continue
-        cells = [f"{gib(m['peak'][k])} ({gib(m['estimate'][k])})" for k in m["peak"]]
-        print(f"  {m['offload']:8s} {m['quant']:6s} " + " ".join(f"{c:>16s}" for c in cells))
-    print("\n-- attention backends --")
-    for a in r["attention"]:
-        extra = {k: v for k, v in a.items() if k not in ("backend", "status")}
-        print(f"  {a['backend']:10s} {a['status']}  {extra or ''}")
-    print(f"\nelapsed {r['elapsed_s']:.1f} s")
+        out = Path(tmp) / "out.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--out", str(out)]
+        cmd += ["--device", args.device, "--dtype", args.dtype, "--model", args.model]
+        cmd += ["--quick"] if args.quick else []
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            log, _ = proc.communicate(timeout=limit)
+            status = "ok" if proc.returncode == 0 else f"error: exit {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            log, _ = proc.communicate()
+            status = f"error: time limit {limit:.0f} s"
+        result = json.loads(out.read_text()) if out.is_file() else {}
+    if status != "ok":
+        status += f": {' | '.join((log or '').strip().splitlines()[-3:])}"[:400]
+    own = result.pop("_status", None)  # the section's own verdict ("skipped: ...")
+    status = own if status == "ok" and own else status
+    return result, dict(status=status, seconds=round(time.perf_counter() - t0, 1), limit_s=limit)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.section:
+        from gpu_check_sections import run  # noqa: PLC0415  (the sections: torch and wanlite)
+
+        return run(args)
     t0 = time.perf_counter()
-    size = dict(QUICK if args.quick else FULL)
-    args.model = args.model or size.pop("model")
-    size.pop("model", None)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here (use --device cpu --quick)")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     deadline = t0 + args.budget
-    kw = gen_kwargs(size)
-    resolve_model(args.model)  # write the random checkpoint once, before anything is timed
-    result = dict(device=str(device), dtype=str(dtype).removeprefix("torch."))
-    result.update(model=args.model, size=size)
-    if device.type == "cuda":
-        result["gpu"] = torch.cuda.get_device_name(device)
-    result["tests"] = cuda_tests()
-    try:
-        result["parity"], result["wall"] = parity_and_wall(args, device, dtype, kw)
-    except Exception as e:
-        result["parity"] = result["wall"] = {"status": f"error: {type(e).__name__}: {e}"[:300]}
-    result["memory"] = memory_matrix(args, device, dtype, kw, deadline)
-    result["attention"] = attention_backends(args, device, dtype, kw, deadline)
-    result["elapsed_s"] = time.perf_counter() - t0
+    result = dict(device=args.device, dtype=args.dtype, model=args.model, size=args.size)
+    extra = None
+    if args.wheels:
+        extra = Path(tempfile.mkdtemp(prefix="gpu-check-site-"))
+        result["wheels"] = install_wheels(Path(args.wheels), extra)
+    env = child_env(extra)
+    chosen = [s for s in SECTIONS if s in args.sections.split(",")]
+    # The checkpoint is written meanwhile (minutes for random:full on a slow disk).
+    prep, prep_log = None, tempfile.TemporaryFile("w+")  # noqa: SIM115  (read at the end)
+    if any(s in NEEDS_MODEL for s in chosen):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--section", "prepare"]
+        prep = subprocess.Popen(
+            [*cmd, "--model", args.model],
+            env=env,
+            start_new_session=True,
+            stdout=prep_log,
+            stderr=subprocess.STDOUT,
+        )
+    sections = {}
+    for name in chosen:
+        if name in NEEDS_MODEL and prep is not None and prep.poll() is None:
+            try:
+                prep.wait(timeout=max(deadline - time.perf_counter(), 1))
+            except subprocess.TimeoutExpired:
+                os.killpg(prep.pid, signal.SIGKILL)
+        left = deadline - time.perf_counter()
+        limit = min(SECTIONS[name][1 if args.quick else 0], left)
+        if left < 5:
+            sections[name] = dict(status="skipped: time budget", seconds=0, limit_s=0)
+            continue
+        keys, sections[name] = run_section(name, args, limit, env)
+        result.update(keys)
+    if prep is not None:
+        if prep.poll() is None:  # still writing the checkpoint: the budget is spent
+            os.killpg(prep.pid, signal.SIGKILL)
+            prep.wait()
+        prep_log.seek(0)
+        tail = " | ".join(prep_log.read().strip().splitlines()[-2:])[:300]
+        result["prepare"] = dict(returncode=prep.poll(), tail=tail)
+    result["sections"] = sections
+    result["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    from gpu_check_sections import print_table  # noqa: PLC0415  (standard library only)
+
     print_table(result)
     print(json.dumps(result, default=str))
     return 0
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
     sys.exit(main())

@@ -15,7 +15,11 @@ import logging
 import time
 from pathlib import Path
 
-from wanlite.random_checkpoint import checkpoint_config, ensure_random_checkpoint, write_checkpoint
+from wanlite.weights.random_checkpoint import (
+    checkpoint_config,
+    ensure_random_checkpoint,
+    write_checkpoint,
+)
 
 
 def main() -> None:

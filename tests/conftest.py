@@ -12,11 +12,16 @@ import torch
 os.environ.setdefault("WANLITE_CACHE", os.path.join(tempfile.gettempdir(), "wanlite-test-cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Without a GPU, Triton kernels run in Triton's interpreter.  Set before anything imports triton
+# (torch.compile does): triton.language's own jit functions are made for the interpreter only
+# if it is on when triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint():
-    from wanlite.random_checkpoint import ensure_random_checkpoint
+    from wanlite.weights.random_checkpoint import ensure_random_checkpoint
 
     return ensure_random_checkpoint("tiny")
 

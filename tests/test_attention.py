@@ -1,4 +1,4 @@
-"""Tests for ``wanlite.attention``: backend resolution, error messages and numerical agreement.
+"""Tests for ``wanlite.ops.attention``: backend resolution, error messages and numerical agreement.
 
 The CUDA-only backends (flash_attn, sage, xformers) are compared against the ``math`` reference
 when they can run here; otherwise their test is skipped with the reason ``available()`` gives.
@@ -10,8 +10,8 @@ import re
 import pytest
 import torch
 
-from wanlite import attention
-from wanlite.attention import (
+from wanlite.ops import attention
+from wanlite.ops.attention import (
     AUTO_ORDER,
     _math,
     _sdpa,
@@ -38,11 +38,11 @@ CPU, CUDA, F32, BF16, F16 = "cpu", "cuda", torch.float32, torch.bfloat16, torch.
 
 
 def test_auto_on_cpu_is_sdpa_and_logs_why(caplog):
-    caplog.set_level(logging.INFO, logger="wanlite.attention")
+    caplog.set_level(logging.INFO, logger="wanlite.ops.attention")
     assert "sage" not in AUTO_ORDER  # not exact: only when asked for by name
     assert resolve_name("auto") == "sdpa"  # the defaults: CPU, fp32
     assert resolve_name("auto", torch.device("cpu"), torch.bfloat16) == "sdpa"
-    lines = [r.getMessage() for r in caplog.records if r.name == "wanlite.attention"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "wanlite.ops.attention"]
     assert len(lines) == 2 and all(r.levelno == logging.INFO for r in caplog.records)
     assert "sdpa" in lines[0] and "flash_attn" in lines[0]  # and why flash_attn was passed over
     assert callable(resolve("auto"))
@@ -101,6 +101,8 @@ def test_a_named_backend_that_cannot_run_the_call_is_an_error(fake_gpu):
         ("flash_attn", CUDA, BF16, (8, 6), True, None),
         ("xformers", CUDA, F32, (7, 0), True, None),
         ("xformers", CPU, F32, None, True, "CUDA device"),
+        ("xformers", CPU, F32, None, False, "CUDA device"),  # the device first: no install hint
+        ("sage", CUDA, F32, (9, 0), False, "float16 or bfloat16"),
         ("sage", CUDA, F16, (8, 9), True, None),
         ("sdpa", CPU, F32, None, False, None),
         ("math", CUDA, F16, (6, 1), False, None),
@@ -138,9 +140,30 @@ def test_unusable_backend_raises_with_reason(name):
     if reason is None:
         pytest.skip(f"{name} can run here")
     assert "package" in reason or "CUDA" in reason or "capability" in reason
-    with pytest.raises(RuntimeError, match=re.escape(reason)) as err:
+    error = ImportError if "package" in reason else RuntimeError
+    with pytest.raises(error, match=re.escape(reason)) as err:
         resolve(name, here, torch.float16)
     assert repr(name) in str(err.value)
+
+
+@pytest.mark.parametrize("name", OPTIONAL)
+def test_a_missing_package_is_an_import_error_naming_its_extra(fake_gpu, monkeypatch, name):
+    """Where the backend could run, only its package missing: ImportError with the pip command
+    of a wanlite extra that exists in pyproject.toml and lists the backend's package."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    monkeypatch.setattr(attention, "_installed", lambda module: module is None)
+    with pytest.raises(ImportError, match=r"pip install .*'wanlite\[([a-z-]+)\]'") as err:
+        resolve_name(name, torch.device("cuda"), BF16)
+    extra = re.search(r"wanlite\[([a-z-]+)\]", str(err.value)).group(1)
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    package = attention._NEEDS[name].module
+    dist = {"flash_attn": "flash-attn"}.get(package, package)
+    assert any(req.startswith(dist) for req in extras[extra]), (extra, extras[extra])
+    with pytest.raises(RuntimeError, match="CUDA device"):  # off CUDA the device is the reason
+        resolve_name(name, torch.device("cpu"), BF16)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

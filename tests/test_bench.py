@@ -31,8 +31,8 @@ def test_parse_modes():
 def test_bench_command_writes_table_json_and_chart(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "b"
     argv = ["bench", "--model", str(tiny_checkpoint), "--modes", "exact,firstblock:1e6"]
-    argv += ["--height", "32", "--width", "32", "--num-frames", "5", "--steps", "4"]
-    assert main([*argv, "--device", "cpu", "--out", str(out), "--repeat", "2"]) == 0
+    argv += ["--height", "32", "--width", "32", "--num-frames", "5", "--num-inference-steps", "4"]
+    assert main([*argv, "--device", "cpu", "--out-dir", str(out), "--repeat", "2"]) == 0
     printed = capsys.readouterr().out
     assert "firstblock:1e6" in printed and "s/step" in printed
     result = json.loads(printed.strip().splitlines()[-1])
@@ -58,8 +58,8 @@ def test_bench_without_matplotlib_prints_and_writes_json(
     monkeypatch.setattr(bench, "_pyplot", lambda: None)
     out = tmp_path / "b"
     argv = ["bench", "--model", str(tiny_checkpoint), "--modes", "exact", "--repeat", "1"]
-    argv += ["--height", "16", "--width", "16", "--num-frames", "1", "--steps", "1"]
-    assert main([*argv, "--device", "cpu", "--out", str(out)]) == 0
+    argv += ["--height", "16", "--width", "16", "--num-frames", "1", "--num-inference-steps", "1"]
+    assert main([*argv, "--device", "cpu", "--out-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "no chart: pip install 'wanlite[bench]'" in printed and "s/step" in printed
     assert (out / "bench.json").is_file() and not (out / "bench.png").exists()
@@ -73,8 +73,8 @@ def test_bench_bad_mode_is_a_clear_error(capsys):
 def test_read_set_is_what_a_call_reads(tiny_checkpoint, tmp_path, monkeypatch):
     """The page-cache warm-up of a wanlite row: its tensors' byte ranges, the narrowed DiT
     weights from the cast cache, the rest from the checkpoint, no umT5 token embedding."""
-    from wanlite import castcache
     from wanlite.pipeline import load
+    from wanlite.weights import castcache
 
     monkeypatch.setattr(castcache, "MIN_BYTES", 0)  # the tiny DiT is far below the real bar
     opts = dict(device="cpu", dtype="bfloat16", embed_cache=False, cast_cache=str(tmp_path))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import wanlite
-from wanlite import castcache
+from wanlite.weights import castcache
 
 KW = dict(height=64, width=64, num_frames=5, num_inference_steps=2, seed=3, progress=False)
 
@@ -89,7 +89,7 @@ def test_no_cache_when_quantized_off_full_or_unwritable(
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(castcache.shutil, "disk_usage", lambda p: usage(1, 1, 10))
-    with caplog.at_level(logging.INFO, logger="wanlite.castcache"):
+    with caplog.at_level(logging.INFO, logger="wanlite.weights.castcache"):
         pipe = _load(tiny_checkpoint, root)
         frames = pipe.generate("a fox", **KW).frames
     assert "no cast cache" in caplog.text and not list(root.glob("*.safetensors"))
@@ -98,7 +98,7 @@ def test_no_cache_when_quantized_off_full_or_unwritable(
 
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")  # the cache folder cannot be created under a file
-    with caplog.at_level(logging.WARNING, logger="wanlite.lifecycle"):
+    with caplog.at_level(logging.WARNING, logger="wanlite.runtime.lifecycle"):
         pipe = _load(tiny_checkpoint, blocked / "cast")
         assert np.array_equal(pipe.generate("a fox", **KW).frames, frames)
     assert "cast cache not used" in caplog.text
@@ -113,7 +113,7 @@ def test_a_cache_file_that_does_not_match_is_not_used(
     path = _load(tiny_checkpoint, root).components["transformer"].cast_file(write=True)
     frames = _load(tiny_checkpoint, root, cast_cache="off").generate("a fox", **KW).frames
     save_file({"blocks.0.ffn.0.weight": torch.zeros(3, 3, dtype=torch.bfloat16)}, str(path))
-    with caplog.at_level(logging.WARNING, logger="wanlite.castcache"):
+    with caplog.at_level(logging.WARNING, logger="wanlite.weights.castcache"):
         got = _load(tiny_checkpoint, root).generate("a fox", **KW).frames
     assert "does not match" in caplog.text and np.array_equal(got, frames)
 
@@ -123,8 +123,8 @@ def test_lora_weights_are_merged_from_the_cast_weights_when_cached(
 ):
     """With the cast cache, a LoRA'd weight is bf16(bf16(W) + delta) (half the bytes to read);
     without it bf16(W + delta) from the fp32 file: they differ by W's rounding at most."""
-    from wanlite.configs import read_model_config
-    from wanlite.random_checkpoint import write_random_lora
+    from wanlite.models.configs import read_model_config
+    from wanlite.weights.random_checkpoint import write_random_lora
 
     lora = write_random_lora(tmp_path / "l.safetensors", read_model_config(tiny_checkpoint).dit)
     root = tmp_path / "cast"

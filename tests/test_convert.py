@@ -5,10 +5,10 @@ import pytest
 import torch
 from test_formats import RUN, generate, hf_t5, ours, write_st
 
-from wanlite import formats
 from wanlite.cli import main
-from wanlite.configs import TINY
 from wanlite.convert import convert
+from wanlite.models.configs import TINY
+from wanlite.weights import formats
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_convert_without_a_model_through_the_cli(
     monkeypatch.setattr(formats, "FULL", TINY)  # the tiny sizes stand in for the 1.3B's
     args = [
         "convert",
-        "--out",
+        "--out-dir",
         str(tmp_path / "c"),
         "--tokenizer",
         str(tiny_checkpoint / "tokenizer"),
@@ -73,7 +73,7 @@ def test_convert_without_a_model_through_the_cli(
 
 
 def test_convert_quantized_equals_quantizing_the_folder(tiny_checkpoint, single_files, tmp_path):
-    from wanlite.lifecycle import quantize_checkpoint
+    from wanlite.runtime.lifecycle import quantize_checkpoint
 
     out = convert(tmp_path / "q", str(tiny_checkpoint), quant="int8", **single_files)
     want = quantize_checkpoint(tiny_checkpoint, tmp_path / "q_ref", "int8")

@@ -1,17 +1,19 @@
-"""Single-file formats (wanlite.formats): every format written here from the tiny random
+"""Single-file formats (wanlite.weights.formats): every format written here from the tiny random
 checkpoint, loaded, and compared with the diffusers folder it came from."""
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from wanlite import dit, formats, t5, vae
-from wanlite.configs import TINY
-from wanlite.loading import weight_files
-from wanlite.tensorstore import TensorStore
+from wanlite.models import dit, t5, vae
+from wanlite.models.configs import TINY
+from wanlite.weights import formats
+from wanlite.weights.tensorstore import TensorStore, weight_files
 
 RUN = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=3, progress=False)
 OPTS = dict(device="cpu", dtype="float32", embed_cache=False)
@@ -125,7 +127,7 @@ def test_half_precision_dit_files_deliver_their_values(parts, tmp_path, dtype):
 
 
 def test_pth_store_reads_rows_views_and_refuses_pickled_code(parts, tmp_path):
-    from wanlite.pthstore import PthStore
+    from wanlite.weights.pthstore import PthStore
 
     path = tmp_path / "t5.pth"
     torch.save({"state_dict": parts["text_encoder"]}, path)  # a wrapper dict is unwrapped
@@ -237,7 +239,7 @@ def test_a_file_given_as_the_wrong_part_names_the_right_flag(parts, tmp_path):
 
 def test_sizes_are_recognised_from_the_tensors(tmp_path):
     """On the real shapes (from modules on meta: a 1.3B file is too big for a test)."""
-    from wanlite.configs import FULL, DiTConfig
+    from wanlite.models.configs import FULL, DiTConfig
 
     with torch.device("meta"):
         full = {
@@ -271,7 +273,7 @@ def test_i2v_and_tiny_files_without_a_model_are_refused(parts, tmp_path):
 
 
 def test_no_model_needs_every_part_and_a_tokenizer(tiny_checkpoint, parts, tmp_path):
-    from wanlite.loading import resolve_source
+    from wanlite.weights.loading import resolve_source
 
     d = write_st(tmp_path / "d", parts["transformer"])
     with pytest.raises(ValueError, match="no --text-encoder, --vae given and no --model"):
@@ -312,7 +314,7 @@ def test_a_single_file_that_does_not_match_the_model_names_the_file(
 
 def gguf_file(path, tensors, qtype, arch="wan"):
     pytest.importorskip("gguf")
-    from wanlite.gguf_reader import write_gguf
+    from wanlite.weights.gguf_reader import write_gguf
 
     return write_gguf(path, tensors, qtype, arch)
 
@@ -362,7 +364,7 @@ def test_gguf_q8_0_dit_and_t5(tiny_checkpoint, parts, reference, tmp_path):
 
 @pytest.mark.parametrize("qtype,bar", [("Q4_0", 0.2), ("Q8_0", 0.01)])
 def test_gguf_block_types_round_trip_within_their_precision(tmp_path, qtype, bar):
-    from wanlite.gguf_reader import GGUFStore
+    from wanlite.weights.gguf_reader import GGUFStore
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(8, 512, generator=g), torch.randn(8, generator=g)
@@ -378,7 +380,7 @@ def test_gguf_k_quant_rows_and_shapes(tmp_path):
     """Q4_K (no quantizer in the gguf package: random blocks with sane scales): the store's
     shape, row reads and values are gguf's own dequantization of the right bytes."""
     gguf = pytest.importorskip("gguf")
-    from wanlite.gguf_reader import GGUFStore
+    from wanlite.weights.gguf_reader import GGUFStore
 
     rng = np.random.default_rng(0)
     blocks = rng.integers(0, 256, size=(6 * 2, 144), dtype=np.uint8)  # 6 rows x 512 values
@@ -422,8 +424,8 @@ def test_diffusers_from_single_file_vae_decodes_as_ours(tmp_path):
     tiny checkpoint does not have: a small VAE of that layout is made here instead."""
     from diffusers import AutoencoderKLWan
 
-    from wanlite.configs import VAEConfig
-    from wanlite.random_checkpoint import random_state_dict
+    from wanlite.models.configs import VAEConfig
+    from wanlite.weights.random_checkpoint import random_state_dict
 
     cfg = VAEConfig(base_dim=8, num_res_blocks=2)
     with torch.device("meta"):
@@ -441,3 +443,20 @@ def test_diffusers_from_single_file_vae_decodes_as_ours(tmp_path):
     with torch.no_grad():
         diff = (model.decode(z) - theirs.decode(z).sample).abs().max().item()
     assert diff <= 1e-4
+
+
+def test_gguf_without_the_gguf_package_names_the_extra(tmp_path, monkeypatch):
+    from wanlite.weights import gguf_reader
+
+    path = tmp_path / "dit.gguf"
+    path.write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r"pip install 'wanlite\[gguf\]'") as e:
+        gguf_reader.GGUFStore(path)
+    assert e.value.name == "gguf" and not isinstance(e.value, RuntimeError)
+
+
+def test_model_folder_and_single_files_as_path_objects(tiny_checkpoint, parts, reference, tmp_path):
+    dit_file = write_st(tmp_path / "dit.safetensors", parts["transformer"])
+    frames = generate(Path(tiny_checkpoint), transformer=Path(dit_file)).frames
+    assert np.array_equal(frames, reference)

@@ -85,3 +85,39 @@ def test_every_module_imports_in_a_fresh_interpreter():
     names = sorted(n for n in import_graph() if not n.endswith("__main__"))
     code = "import importlib, sys\nfor n in sys.argv[1:]: importlib.import_module(n)"
     subprocess.run([sys.executable, "-c", code, *names], check=True, timeout=300)
+
+
+# The rooms, bottom to top (docs/layout.md): a module imports only from its own floor or below.
+FLOORS = (
+    ("wanlite.params", "wanlite.paths", "wanlite.options", "wanlite.video", "wanlite.preview"),
+    ("wanlite.kernels",),
+    ("wanlite.ops",),
+    ("wanlite.models",),
+    ("wanlite.weights",),
+    ("wanlite.sampling",),
+    ("wanlite.runtime",),
+    ("wanlite.causal", "wanlite.frames"),
+    ("wanlite.pipeline",),
+    ("wanlite.convert", "wanlite.bench", "wanlite.server"),
+    ("wanlite.cli", "wanlite.__main__"),
+)
+
+
+def floor(module: str) -> int | None:
+    for i, names in enumerate(FLOORS):
+        if any(module == n or module.startswith(n + ".") for n in names):
+            return i
+    return None
+
+
+def test_every_module_has_a_floor_and_imports_point_down():
+    graph = import_graph()
+    upward = []
+    for name, deps in graph.items():
+        if name == "wanlite":  # the package's __init__ re-exports from above (lazily)
+            continue
+        assert floor(name) is not None, f"{name} is in no room of FLOORS"
+        for dep in deps:
+            if dep != "wanlite" and floor(dep) > floor(name):
+                upward.append(f"{name} -> {dep}")
+    assert not upward, "imports that point up: " + ", ".join(sorted(upward))

@@ -3,18 +3,16 @@ import torch
 
 import wanlite
 from wanlite.cli import main
-from wanlite.lifecycle import QUANT_META, quantize_checkpoint
-from wanlite.tensorstore import TensorStore
+from wanlite.runtime.lifecycle import QUANT_META, quantize_checkpoint
+from wanlite.weights.tensorstore import TensorStore
 
 KW = dict(prompt="a boat", height=16, width=32, num_frames=5, num_inference_steps=2, seed=3)
 
 
 def test_quantized_checkpoint_loads_directly_and_matches(tiny_checkpoint, tmp_path):
     out = tmp_path / "q8"
-    assert (
-        main(["quantize", "--model", str(tiny_checkpoint), "--quant", "int8", "--out", str(out)])
-        == 0
-    )
+    argv = ["convert", "--model", str(tiny_checkpoint), "--quant", "int8", "--out-dir", str(out)]
+    assert main(argv) == 0
     files = sorted((out / "transformer").glob("*.safetensors"))
     store = TensorStore(files)
     assert store.metadata[QUANT_META] == "int8"
@@ -49,3 +47,25 @@ def test_phase_memory_is_reported_per_phase(tiny_checkpoint):
     pipe = wanlite.load(str(tiny_checkpoint), device="cpu", offload="blocks")
     v = pipe.generate(**KW, progress=False)
     assert set(v.peak_memory) == {"encode", "denoise", "decode"}
+
+
+def test_the_streamed_umt5_reads_each_layer_once_per_encode(tiny_checkpoint):
+    """The umT5 streamer does not prefetch layer 0 again after its last layer (it runs one
+    forward per new prompt, often the call's last: that read, a whole layer, was wasted); the
+    DiT's streamer still does (the next forward starts at block 0).  One encode reads each
+    layer tensor exactly once and leaves nothing pending."""
+    from wanlite import Options
+    from wanlite.pipeline import Pipeline
+    from wanlite.runtime.planner import Estimate, Placement
+
+    opts = Options(device="cpu", dtype="float32", offload="blocks", embed_cache=False)
+    pipe = Pipeline(tiny_checkpoint, opts)
+    place = Placement("blocks", False, False, Estimate(0, 0, 0))
+    pipe._acquire("transformer", place)
+    assert pipe.components["transformer"].streamer.wrap
+    pipe.components["transformer"].release()
+    pipe.encode_texts(["a red fox"], place)
+    t5 = pipe.components["text_encoder"].streamer
+    assert not t5.wrap and not t5.pending
+    assert t5.reads == sum(len(n) for n in t5.names)
+    pipe.components["text_encoder"].release()

@@ -1,5 +1,6 @@
-"""LoRA loading (wanlite.lora): key families, scales, shape checks, and parity with diffusers'
-``load_lora_weights`` + ``set_adapters`` + ``fuse_lora`` on the tiny random checkpoint (fp32).
+"""LoRA loading (wanlite.weights.lora): key families, scales, shape checks, and parity with
+diffusers' ``load_lora_weights`` + ``set_adapters`` + ``fuse_lora``
+on the tiny random checkpoint (fp32).
 
 Every LoRA file here is made by the test.  The parity files use only what diffusers' loader
 accepts (its musubi converter needs every projection of every block with an alpha; its
@@ -16,9 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 import wanlite
-from wanlite.configs import read_model_config
-from wanlite.dit import to_diffusers_key
-from wanlite.lora import LoraSet, dit_shapes, load_lora
+from wanlite.models.configs import read_model_config
+from wanlite.models.dit import to_diffusers_key
+from wanlite.weights.lora import LoraSet, dit_shapes, load_lora
 
 BLOCK_LINEARS = [f"{a}_attn.{p}" for a in ("self", "cross") for p in "qkvo"] + ["ffn.0", "ffn.2"]
 OTHER_LINEARS = ["text_embedding.0", "text_embedding.2", "time_projection.1", "head.head"]
@@ -397,7 +398,7 @@ def test_report_and_skipped_keys(tmp_path, shapes, caplog):
     sd["diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight"] = torch.zeros(2, 64)
     sd["diffusion_model.img_emb.proj.1.lora_up.weight"] = torch.zeros(64, 2)
     plain = LoraSet([(_write(tmp_path, "plain", _original(shapes, 6)), 1.0)], shapes)
-    with caplog.at_level(logging.INFO, logger="wanlite.lora"):
+    with caplog.at_level(logging.INFO, logger="wanlite.weights.lora"):
         lora = LoraSet([(_write(tmp_path, "mixed", sd), 1.0)], shapes)
     assert lora.names == plain.names  # the skipped keys changed nothing
     info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
@@ -414,7 +415,7 @@ def test_report_and_skipped_keys(tmp_path, shapes, caplog):
 
 
 def test_dit_shapes_are_the_models(tiny_checkpoint, shapes):
-    from wanlite.dit import WanDiT
+    from wanlite.models.dit import WanDiT
 
     model = WanDiT(read_model_config(tiny_checkpoint).dit)
     assert shapes == {n: tuple(p.shape) for n, p in model.named_parameters()}

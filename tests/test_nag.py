@@ -1,4 +1,4 @@
-"""NAG (``wanlite.nag``): the combination against the formula, the pipeline against diffusers'
+"""NAG (``wanlite.ops.nag``): the combination against the formula, the pipeline against diffusers'
 ``WanPipeline`` with a NAG cross-attention processor written here, the off path unchanged, the
 options, the CLI flags, torch.compile, and CFG-parallel / Ulysses under torchrun.
 
@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wanlite.nag import NAG, guide
+from wanlite.ops.nag import NAG, guide
 
 REQ = dict(height=32, width=48, num_frames=5, num_inference_steps=3, seed=5, progress=False)
 PROMPT, NEG = "a red fox running through snow", "blurry, low quality, dark"
@@ -197,7 +197,7 @@ def _old_cross_attention(self, x, kv, bias, attn, nag=None):
 
 @pytest.mark.parametrize("guidance,cfg_batch", [(1.0, "auto"), (5.0, "on"), (5.0, "off")])
 def test_nag_off_is_bit_identical(tiny_checkpoint, monkeypatch, guidance, cfg_batch):
-    from wanlite.dit import Attention
+    from wanlite.models.dit import Attention
 
     req = dict(REQ, guidance_scale=guidance)
     plain = _load(tiny_checkpoint, cfg_batch=cfg_batch).generate(PROMPT, negative_prompt=NEG, **req)
@@ -231,8 +231,8 @@ def test_negative_kv_is_computed_once_per_generation(tiny_checkpoint, monkeypatc
                                                      cfg_batch):  # fmt: skip
     """The text K/V per block: the prompt's (or the CFG pair's) and the negative prompt's, once
     each whatever the step count; the unconditional pass shares NAG's negative text."""
-    from wanlite.configs import TINY
-    from wanlite.dit import Attention
+    from wanlite.models.configs import TINY
+    from wanlite.models.dit import Attention
 
     calls = []
     real = Attention.context_kv
@@ -318,9 +318,9 @@ def test_cli_flags(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_compiled_blocks_with_nag_match_eager():
-    from wanlite.configs import TINY
-    from wanlite.dit import NagText, WanDiT, compile_blocks
-    from wanlite.random_checkpoint import random_state_dict
+    from wanlite.models.configs import TINY
+    from wanlite.models.dit import NagText, WanDiT, compile_blocks
+    from wanlite.weights.random_checkpoint import random_state_dict
 
     with torch.device("meta"):
         skeleton = WanDiT(TINY.dit)
@@ -363,7 +363,7 @@ def _parallel_run(ckpt, parallel, guidance):
 
 
 def worker(out: Path) -> None:
-    from wanlite.random_checkpoint import ensure_random_checkpoint
+    from wanlite.weights.random_checkpoint import ensure_random_checkpoint
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])

@@ -1,4 +1,5 @@
-"""CFG-parallel and Ulysses sequence parallel (``wanlite.parallel``) in real multi-process runs.
+"""CFG-parallel and Ulysses sequence parallel (``wanlite.runtime.parallel``) in real
+multi-process runs.
 
 Each world size is one ``torchrun`` launch (gloo, CPU, OMP_NUM_THREADS=1 per rank) running every
 case of ``CASES[world]`` with this file as the worker script; each rank saves its latents,
@@ -47,9 +48,9 @@ SAVED = {2: "cfg2_odd", 4: "cfg2_u2_odd"}  # also generated with save_to: rank 0
 
 
 def checkpoint(name: str) -> Path:
-    from wanlite.configs import TINY
+    from wanlite.models.configs import TINY
     from wanlite.paths import cache_dir
-    from wanlite.random_checkpoint import ensure_random_checkpoint, write_checkpoint
+    from wanlite.weights.random_checkpoint import ensure_random_checkpoint, write_checkpoint
 
     if name == "tiny":
         return ensure_random_checkpoint("tiny")
@@ -179,7 +180,7 @@ def test_comm_bytes_formula(runs):
     every block's all-to-alls (q, k, v out; attention back) and the head's gather)."""
     folder = runs(2)
     stats = json.loads((folder / "u2_nocfg_odd.0.json").read_text())
-    from wanlite.configs import TINY
+    from wanlite.models.configs import TINY
 
     tokens, dim, blocks = 18, TINY.dit.dim, TINY.dit.num_layers  # 18 tokens: no padding
     # this rank's L/u tokens: (u-1)/u of their q, k, v out and of the attention output back
@@ -215,7 +216,7 @@ def test_sequence_shard_and_all_to_all_layout():
     """One process, degree 1 group emulated: the token split, RoPE slice and padding rules."""
     import torch
 
-    from wanlite.parallel import ParallelState, SequenceParallel
+    from wanlite.runtime.parallel import ParallelState, SequenceParallel
 
     state = ParallelState(1, 4, 3, 4, torch.device("cpu"))
     sp = SequenceParallel(state)
@@ -232,3 +233,16 @@ def test_sequence_shard_and_all_to_all_layout():
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]), int(sys.argv[2]))
+
+
+def test_each_rank_gets_its_local_cuda_device():
+    """Under torchrun an explicit ``cuda:N`` must not put every rank on GPU N: each rank takes
+    ``cuda:LOCAL_RANK``.  Only device names are built: no GPU needed."""
+    import torch
+
+    from wanlite.runtime.parallel import rank_device
+
+    for asked in ("cuda", "cuda:0", "cuda:3"):
+        devices = [rank_device(torch.device(asked), {"LOCAL_RANK": str(r)}) for r in range(4)]
+        assert devices == [torch.device("cuda", r) for r in range(4)]
+    assert rank_device(torch.device("cuda:2"), {}) == torch.device("cuda", 2)  # no torchrun

@@ -1,5 +1,8 @@
 """End-to-end parity with diffusers' WanPipeline on the tiny random checkpoint (fp32, CPU)."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -140,7 +143,7 @@ def test_second_call_keeps_its_resident_model_and_reads_no_weights(tiny_checkpoi
     """The planner must not count the pipeline's own resident weights as memory in use: on a
     machine with room for offload="none", every call keeps it (no re-reads after the first)."""
     import wanlite
-    from wanlite import planner
+    from wanlite.runtime import planner
 
     pipe = wanlite.load(str(tiny_checkpoint), device="cpu", embed_cache=False)
     kw = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=1, progress=False)
@@ -165,7 +168,7 @@ def test_second_call_keeps_its_resident_model_and_reads_no_weights(tiny_checkpoi
 def test_onednn_and_aten_linears_agree(tiny_checkpoint):
     """The packed oneDNN GEMMs (the CPU fp32 default) against torch's own, end to end."""
     import wanlite
-    from wanlite.quant import PackedLinear
+    from wanlite.ops.quant import PackedLinear
 
     kw = dict(height=32, width=32, num_frames=5, num_inference_steps=3, seed=3, progress=False)
     out = {}
@@ -237,7 +240,10 @@ def test_bf16_frames_match_diffusers_as_documented(tiny_checkpoint, linear):
     from diffusers import AutoencoderKLWan, WanPipeline
 
     import wanlite
+    from wanlite.ops.quant import onednn_available
 
+    if linear == "onednn" and not onednn_available(torch.bfloat16):
+        pytest.skip("this CPU has no oneDNN bf16 GEMM (needs AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
     kw = dict(height=64, width=64, num_frames=5, num_inference_steps=2, guidance_scale=5.0)
     prompt, seed = "a red fox running through snow, cinematic", 42
     vae = AutoencoderKLWan.from_pretrained(
@@ -261,7 +267,7 @@ def test_auto_packs_the_gemm_weights_only_when_it_pays(tiny_checkpoint, monkeypa
     """linear="auto": packing costs about as much as many small forwards save, so a call packs
     the resident DiT only when it runs enough token-forwards; a packed DiT stays packed."""
     import wanlite
-    from wanlite import planner
+    from wanlite.runtime import planner
 
     monkeypatch.setattr(planner, "PACK_MIN_TOKEN_FORWARDS", 64)
     pipe = wanlite.load(str(tiny_checkpoint), device="cpu", dtype="float32", embed_cache=False)
@@ -274,3 +280,131 @@ def test_auto_packs_the_gemm_weights_only_when_it_pays(tiny_checkpoint, monkeypa
     assert pipe.placement.pack and dit.packed
     pipe.generate("x", seed=0, progress=False, **small)
     assert not pipe.placement.pack and dit.packed  # kept: its cost is paid
+
+
+# --- output types as diffusers' (issue 21, section 4) ------------------------------------------
+
+OUT_REQUEST = dict(height=32, width=48, num_frames=5, num_inference_steps=2, guidance_scale=5.0)
+
+
+def _ours_and_diffusers(tiny_pipe, diffusers_pipe, output_type):
+    prompt, neg, seed = "a red fox running through snow", "blurry", 99
+    ours = tiny_pipe.generate(
+        prompt, negative_prompt=neg, seed=seed, progress=False, output_type=output_type,
+        **OUT_REQUEST,
+    )  # fmt: skip
+    r = OUT_REQUEST
+    args = (r["height"], r["width"], r["num_frames"], r["num_inference_steps"])
+    ref = _diffusers(diffusers_pipe, prompt, neg, *args, r["guidance_scale"], seed, output_type)
+    return ours, ref[0]  # diffusers' frames are batched: [0] is the one video
+
+
+def test_np_output_is_diffusers_float_frames(tiny_pipe, diffusers_pipe):
+    ours, ref = _ours_and_diffusers(tiny_pipe, diffusers_pipe, "np")
+    assert isinstance(ours.frames, np.ndarray) and ours.frames.dtype == ref.dtype == np.float32
+    assert ours.frames.shape == ref.shape == (5, 32, 48, 3)
+    assert ours.frames.min() >= 0 and ours.frames.max() <= 1
+    diff = np.abs(ours.frames - ref).max()
+    print(f"np: max abs diff {diff:.2e}")
+    assert diff <= 1e-4  # fp32 on both sides (measured 4e-6); one uint8 level is 4e-3
+    # Not rounded to bytes on the way: "np" keeps the decoder's float values.
+    assert not np.allclose(ours.frames * 255, np.round(ours.frames * 255), atol=1e-3)
+
+
+def test_pt_output_is_diffusers_tensor_layout(tiny_pipe, diffusers_pipe):
+    ours, ref = _ours_and_diffusers(tiny_pipe, diffusers_pipe, "pt")
+    assert isinstance(ours.frames, torch.Tensor) and ours.frames.device.type == "cpu"
+    assert ours.frames.dtype == ref.dtype == torch.float32
+    assert tuple(ours.frames.shape) == tuple(ref.shape) == (5, 3, 32, 48)  # [F, C, H, W]
+    assert (ours.frames - ref.cpu()).abs().max().item() <= 1e-4
+    assert (ours.num_frames, ours.height, ours.width) == (5, 32, 48)
+
+
+def test_pil_output_is_a_list_of_rgb_images_as_diffusers(tiny_pipe, diffusers_pipe):
+    from PIL import Image
+
+    ours, ref = _ours_and_diffusers(tiny_pipe, diffusers_pipe, "pil")
+    assert isinstance(ours.frames, list) and len(ours.frames) == len(ref) == 5
+    for a, b in zip(ours.frames, ref):
+        assert isinstance(a, Image.Image) and a.mode == b.mode == "RGB"
+        assert a.size == b.size == (48, 32)  # PIL sizes are (width, height)
+        diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()
+        assert diff <= 1  # one rounding level, as the uint8 parity test
+    assert (ours.num_frames, ours.height, ours.width) == (5, 32, 48)
+
+
+def test_every_output_type_holds_the_same_video_and_saves(tiny_pipe, tmp_path):
+    from wanlite.video import frames_uint8, read_mp4
+
+    kw = dict(seed=5, progress=False, **OUT_REQUEST)
+    default = tiny_pipe.generate("a boat", **kw)  # uint8 [F, H, W, 3]
+    frames = default.frames
+    assert frames.dtype == np.uint8 and frames.shape == (5, 32, 48, 3)
+    reference = read_mp4(default.save(tmp_path / "frames.mp4"))
+    for output_type in ("np", "pt", "pil"):
+        v = tiny_pipe.generate("a boat", output_type=output_type, **kw)
+        # The same rounding as the default output: x * 255, round half to even.
+        assert np.array_equal(frames_uint8(v.frames), frames), output_type
+        saved = read_mp4(v.save(tmp_path / f"{output_type}.mp4"))
+        assert np.array_equal(saved, reference), output_type  # the same bytes went in
+    latent = tiny_pipe.generate("a boat", output_type="latent", **kw)
+    assert latent.num_frames == 0 and tuple(latent.latents.shape) == (1, 16, 2, 4, 6)
+
+
+def test_bad_output_type_or_save_to_fails_before_any_model_work(tiny_pipe, monkeypatch, tmp_path):
+    from wanlite import ParamError
+
+    def boom(*a, **k):
+        raise AssertionError("model work started")
+
+    monkeypatch.setattr(tiny_pipe, "encode_texts", boom)
+    with pytest.raises(ParamError, match=r"output_type must be one of .*'np'.*got 'numpy'") as e:
+        tiny_pipe.generate("x", output_type="numpy")
+    assert e.value.field == "output_type"
+    with pytest.raises(ParamError, match="save_to .* needs output_type 'frames'") as e:
+        tiny_pipe.generate("x", output_type="np", save_to=tmp_path / "v.mp4")
+    assert e.value.field == "save_to" and not (tmp_path / "v.mp4").exists()
+    monkeypatch.setitem(sys.modules, "PIL", None)  # as if Pillow were not installed
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    with pytest.raises(ImportError, match=r"pip install 'wanlite\[pil\]'"):
+        tiny_pipe.generate("x", output_type="pil")
+
+
+# --- Path and torch.dtype arguments; limits="model" (issue 21, sections 4 and 5) ---------------
+
+
+def test_load_takes_a_path_and_torch_dtypes(tiny_checkpoint, tiny_pipe):
+    import wanlite
+
+    pipe = wanlite.load(Path(tiny_checkpoint), device="cpu", dtype=torch.float32)
+    assert pipe.options == tiny_pipe.options and pipe.dtype is torch.float32
+    kw = dict(height=16, width=16, num_frames=1, num_inference_steps=1, seed=4, progress=False)
+    assert np.array_equal(pipe.generate("x", **kw).frames, tiny_pipe.generate("x", **kw).frames)
+    assert wanlite.load(Path(tiny_checkpoint), device="cpu", dtype=torch.bfloat16).dtype is (
+        torch.bfloat16
+    )
+
+
+def test_model_limits_make_native_sizes_and_long_clips(tiny_checkpoint, tiny_pipe, monkeypatch):
+    from wanlite import Options, ParamError
+    from wanlite.pipeline import Pipeline
+
+    pipe = Pipeline(tiny_checkpoint, Options(device="cpu", dtype="float32", limits="model"))
+    kw = dict(num_inference_steps=1, seed=0, progress=False)
+    tall = pipe.generate("x", height=832, width=16, num_frames=1, **kw)
+    assert tall.frames.shape == (1, 832, 16, 3)
+    long = pipe.generate("x", height=16, width=16, num_frames=241, **kw)
+    assert long.frames.shape == (241, 16, 16, 3)
+    with pytest.raises(ParamError, match=r"height must be .* \[1, 480\], got 832"):
+        tiny_pipe.generate("x", height=832, width=16, num_frames=1, **kw)  # hosted: the default
+
+    def boom(*a, **k):
+        raise AssertionError("model work started")
+
+    monkeypatch.setattr(pipe, "encode_texts", boom)
+    for name, bad, rng in (("width", 1281, "1, 1280"), ("num_frames", 1002, "1, 1001")):
+        with pytest.raises(ParamError, match=rf"^{name} must be .* \[{rng}\], got {bad}") as e:
+            pipe.generate("x", **{name: bad})
+        assert e.value.field == name
+    with pytest.raises(ParamError, match=r"num_inference_steps must be .* \[1, 100\]"):
+        pipe.generate("x", num_inference_steps=101)  # the other fields keep their ranges

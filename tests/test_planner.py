@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from wanlite.configs import FULL, TINY
+from wanlite.models.configs import FULL, TINY
 from wanlite.options import Options, parse_bytes
-from wanlite.planner import choose, dit_params, estimate, t5_params
+from wanlite.runtime.planner import choose, dit_params, estimate, t5_params
 
 FULL_480P = (16, 21, 60, 104)  # 832x480x81
 
@@ -66,7 +66,7 @@ def test_parse_bytes_and_bad_options():
 
 
 def test_cuda_budget_counts_the_allocators_cached_free_memory():
-    from wanlite.planner import cuda_available
+    from wanlite.runtime.planner import cuda_available
 
     gib = 2**30
     # 2 GiB free on the device, 6 GiB reserved by PyTorch of which 1 GiB holds tensors: the
@@ -76,7 +76,7 @@ def test_cuda_budget_counts_the_allocators_cached_free_memory():
 
 
 def test_nag_adds_the_negative_kv_and_its_stage_stays_under_the_forward():
-    from wanlite.planner import nag_kv_bytes, nag_stage_bytes
+    from wanlite.runtime.planner import nag_kv_bytes, nag_stage_bytes
 
     kw = dict(compute_bytes=2, quant="none", offload="none", tiled=True)
     tokens, d = 21 * 30 * 52, FULL.dit.dim  # FULL_480P's tokens
@@ -100,3 +100,65 @@ def test_choose_counts_nag_when_it_is_on():
     off = choose(FULL, FULL_480P, Options(**opts), cpu, 2).estimate
     on = choose(FULL, FULL_480P, Options(nag_scale=11, **opts), cpu, 2).estimate
     assert on.denoise - off.denoise == 30 * 2 * 512 * 1536 * 2
+
+
+def _t5_bytes(comp) -> int:
+    """Bytes of the umT5's layer weights once resident (the row-read embedding excluded)."""
+    module = comp.acquire(row_embedding="token_embedding")
+    return sum(p.numel() * p.element_size() for n, p in module.named_parameters() if "blocks" in n)
+
+
+def test_fp16_counts_the_umt5_ffn_output_kept_in_fp32(tiny_checkpoint):
+    """fp16 keeps each umT5 layer's FFN output projection in fp32 (``t5.keep_in_fp32``, as
+    transformers does): the estimate counts 2 more bytes per such weight than bf16 (24 layers x
+    10240 x 4096 x 2 = 2.0 GB at full size), and the same difference as the loader's."""
+    kw = dict(compute_bytes=2, quant="none", tiled=True)
+    for offload, layers in (("none", FULL.t5.num_layers), ("model", 2)):
+        bf16 = estimate(FULL, FULL_480P, offload=offload, **kw)
+        fp16 = estimate(FULL, FULL_480P, offload=offload, fp16=True, **kw)
+        extra = layers * FULL.t5.d_ff * FULL.t5.d_model * 2
+        assert fp16.encode - bf16.encode == extra
+    assert abs(24 * FULL.t5.d_ff * FULL.t5.d_model * 2 / 1e9 - 2.01) < 0.01
+    # Stored quantized: the projection is int8 too, nothing kept in fp32.
+    q = dict(kw, offload="none", t5_quant="int8")
+    assert estimate(FULL, FULL_480P, fp16=True, **q) == estimate(FULL, FULL_480P, **q)
+    # The loader's difference on the tiny checkpoint equals the planner's.
+    from wanlite.models.configs import read_model_config
+    from wanlite.runtime.lifecycle import components
+
+    cfg = read_model_config(tiny_checkpoint)
+    cpu = torch.device("cpu")
+    loaded = {
+        dtype: _t5_bytes(components(tiny_checkpoint, cfg, Options(), cpu, dtype)["text_encoder"])
+        for dtype in (torch.float16, torch.bfloat16)
+    }
+    tiny = (cfg, (16, 2, 4, 4))
+    planned = estimate(*tiny, offload="none", fp16=True, **kw).encode
+    planned -= estimate(*tiny, offload="none", **kw).encode
+    assert loaded[torch.float16] - loaded[torch.bfloat16] == planned > 0
+    # ``choose`` is told the dtype: fp16 is estimated higher than bf16 (same bytes per value).
+    opts = Options(max_memory="64GB")
+    half = choose(FULL, FULL_480P, opts, cpu, 2, dtype=torch.float16).estimate
+    assert half.encode > choose(FULL, FULL_480P, opts, cpu, 2, dtype=torch.bfloat16).estimate.encode
+
+
+def test_a_budget_that_holds_the_dit_keeps_it_resident_under_model_offload():
+    """Issue 25's 6 GB case (128x128x9, bf16): the umT5 (9 GB resident) forces "model", but the
+    2.7 GB DiT fits beside the streamed umT5 and the decode: "auto" keeps it resident across
+    phases and calls (counted in every phase), instead of reading it again each call.  A smaller
+    budget, or "model" asked for by name, releases it as before."""
+    cpu, small = torch.device("cpu"), (16, 3, 16, 16)
+    kw = dict(compute_bytes=2, quant="none", tiled=False, cfg_batch=2)
+    plain = estimate(FULL, small, offload="model", **kw)
+    kept = estimate(FULL, small, offload="model", keep_dit=True, **kw)
+    dit_bytes = sum(2 * n if i == 0 else 4 * n for i, n in enumerate(dit_params(FULL)))
+    assert kept.encode - plain.encode == kept.decode - plain.decode == dit_bytes
+    assert kept.denoise == plain.denoise
+    for budget, keep in ((kept.peak, True), (kept.peak - 1, False)):
+        place = choose(FULL, small, Options(max_memory=budget), cpu, 2, dtype=torch.bfloat16)
+        assert (place.offload, place.keep_dit, place.kept("transformer")) == ("model", keep, keep)
+        assert not place.kept("text_encoder") and not place.kept("vae")
+        assert place.estimate == (kept if keep else plain) and place.estimate.peak <= budget
+    forced = Options(offload="model", max_memory="64GB")
+    assert not choose(FULL, small, forced, cpu, 2).kept("transformer")
+    assert choose(FULL, small, Options(max_memory="64GB"), cpu, 2).offload == "none"

@@ -21,7 +21,7 @@ from wanlite.preview import (
     resize,
     write_png,
 )
-from wanlite.random_checkpoint import write_random_taehv
+from wanlite.weights.random_checkpoint import write_random_taehv
 
 Image = pytest.importorskip("PIL.Image")
 

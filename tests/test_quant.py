@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from wanlite import quant
-from wanlite.quant import (
+from wanlite.ops import quant
+from wanlite.ops.quant import (
     PackedLinear,
     QLinear,
     pack_linears,
@@ -108,7 +108,9 @@ def test_packed_linear_matches_linear_and_fuses_gelu():
         assert got.shape == want.shape and err <= 1e-5
 
 
-@needs_onednn
+@pytest.mark.skipif(
+    not quant.onednn_available(torch.bfloat16), reason="no oneDNN bf16 GEMM on this CPU"
+)
 def test_packed_linear_in_bf16_matches_the_bf16_linear():
     """bf16 weights packed for oneDNN (AMX / AVX512-BF16 kernels where the CPU has them): the
     same bf16 GEMM as torch's, fused bias and GELU included (accumulation order may differ)."""
@@ -183,13 +185,19 @@ def test_linear_backend_is_resolved_once_with_clear_errors(monkeypatch):
     assert resolve_linear("auto", cpu, f32, False) == "aten"  # quantized, streamed or compiled
     with pytest.raises(ValueError, match="linear must be one of"):
         resolve_linear("mkl", cpu, f32, True)
-    monkeypatch.setattr(quant, "onednn_available", lambda: False)
+    monkeypatch.setattr(quant, "onednn_available", lambda dtype=f32: False)
     assert resolve_linear("auto", cpu, f32, True) == "aten"
     with pytest.raises(RuntimeError, match="oneDNN"):
         resolve_linear("onednn", cpu, f32, True)
     monkeypatch.undo()
     if quant.onednn_available():
         assert resolve_linear("auto", cpu, f32, True) == "onednn"
+    if quant.onednn_available(torch.bfloat16):
         assert resolve_linear("auto", cpu, torch.bfloat16, True) == "onednn"
+    else:  # an AVX2-only CPU: oneDNN packs no bf16 here, auto keeps torch's GEMM
+        assert resolve_linear("auto", cpu, torch.bfloat16, True) == "aten"
+        with pytest.raises(RuntimeError, match="AVX512"):
+            resolve_linear("onednn", cpu, torch.bfloat16, True)
+    if quant.onednn_available():
         with pytest.raises(ValueError, match="resident CPU weights"):
             resolve_linear("onednn", cpu, f32, False)

@@ -1,4 +1,5 @@
-"""Parity of wanlite.scheduler with diffusers' UniPC / flow Euler schedulers, plus the math."""
+"""Parity of wanlite.sampling.scheduler with diffusers' UniPC / flow Euler schedulers, plus the
+math."""
 
 import dataclasses
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-from wanlite.configs import SchedulerConfig
-from wanlite.scheduler import (
+from wanlite.models.configs import SchedulerConfig
+from wanlite.sampling.scheduler import (
     EulerState,
     Sampler,
     euler_step,
@@ -307,7 +308,7 @@ def test_sampler_is_frozen():
 
 def _denoise(pipe, sampler, prompt, neg, latents, guidance):
     """The denoise loop of ``Pipeline.denoise`` driven by ``sampler`` (CFG as two forwards)."""
-    from wanlite import planner
+    from wanlite.runtime import planner
 
     place = planner.Placement("none", False, False, planner.Estimate(0, 0, 0))
     contexts, lengths = pipe.encode_texts([prompt, neg], place)
@@ -328,7 +329,7 @@ def test_euler_in_wanpipeline_loop_matches_diffusers(tiny_pipe, diffusers_pipe, 
     # timesteps the DiT sees and the latents after every step.
     from diffusers import WanPipeline
 
-    from wanlite.pipeline import initial_noise
+    from wanlite.frames import initial_noise
 
     ref_pipe = WanPipeline(
         **{**diffusers_pipe.components, "scheduler": FlowMatchEulerDiscreteScheduler(shift=shift)}

@@ -205,16 +205,34 @@ def test_unfinished_request_heads_are_closed_after_the_timeout(open_server):
     assert raw(s, "GET", "/health")[0] == 200
 
 
-def test_connections_beyond_the_limit_are_refused_then_served_again(open_server):
+def is_closed(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock`` (without waiting)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_stalled_heads_beyond_the_budget_make_room_for_new_clients(open_server):
+    """--limit-concurrency 12 connections may be sending a request at once; one more closes
+    the one that has waited longest (issue 22: a full budget of stalled heads was a lockout)."""
     s = open_server
     stalled = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(12)]
     try:
         for sock in stalled:
             sock.sendall(b"GET /health HTTP/1.1\r\n")
-        time.sleep(0.2)
-        status, _, out = raw(s, "GET", "/health")
-        assert status == 503 and "connections" in json_error(out)["message"], out
-        time.sleep(1.5)  # the stalled heads time out and free their places
+        time.sleep(0.1)
+        assert raw(s, "GET", "/health")[0] == 200  # read within its grace, served: not a 503
+        stalled.append(socket.create_connection(("127.0.0.1", s.port)))  # a 13th that stalls
+        stalled[-1].sendall(b"GET /health HTTP/1.1\r\n")
+        time.sleep(0.2)  # its grace (50 ms) is over; well within the 1 s request timeout
+        assert is_closed(stalled[0]), "the oldest stalled head was not closed"
+        assert not any(map(is_closed, stalled[1:])), "more than the oldest was closed"
+        time.sleep(1.5)  # the other stalled heads time out
+        assert all(map(is_closed, stalled[1:]))
         assert raw(s, "GET", "/health")[0] == 200
     finally:
         for sock in stalled:

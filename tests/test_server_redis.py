@@ -4,7 +4,8 @@ a fixture on a free loopback port (AOF on, in a temp dir); skipped where ``redis
 model: two HTTP-only ``wanlite serve --store redis:// --workers 0`` and two ``wanlite worker``
 sharing one results folder (submit through one API, stream and cancel through the other, kill -9
 a worker mid-job, SIGTERM one), and one ``serve --store redis://`` with its own worker thread
-across a Redis restart.
+across a Redis restart.  Last, issue 22's findings: a ``FLUSHALL`` that took the consumer group
+away, poison entries and hashes, and a Redis that is down (503s and ``/ready``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ if shutil.which("redis-server") is None:
     pytest.skip("redis-server is not installed", allow_module_level=True)
 
 from test_server import CLEAN_EXIT, SMALL, Server, free_port  # noqa: E402
+from test_server import MODEL as SERVED  # noqa: E402
 
 from wanlite.server.redis_store import DIED, RedisStore  # noqa: E402
 from wanlite.server.store import QueueFull  # noqa: E402
@@ -312,5 +314,101 @@ def test_serve_with_its_own_worker_on_redis_survives_a_redis_restart(redis_serve
         assert s.wait(ids[1], until={"processing"})["status"] == "processing"
         assert s.req("POST", f"/api/ai/queue/{ids[1]}/cancel").status_code == 200
         assert s.wait(ids[1])["status"] == "cancelled"
+    finally:
+        assert s.stop() in CLEAN_EXIT, s.log_tail()
+
+
+# -- issue 22: a flushed Redis, poison, an unreachable Redis --------------------------------------
+def claim_soon(store: RedisStore, tries: int = 5):
+    """``claim`` until a job comes (a read that found the group missing recreates it first)."""
+    for _ in range(tries):
+        if (row := claim(store)) is not None:
+            return row
+    return None
+
+
+def test_a_flushed_queue_is_recreated_and_poison_is_dropped(redis_server, caplog):
+    r = redis.Redis.from_url(redis_server.url)
+    api, worker = RedisStore(redis_server.url), RedisStore(redis_server.url, consumer="w")
+    r.flushall()  # the stream and its consumer group are gone (a restart without persistence)
+    gen_id = api.enqueue(MODEL, PARAMS, 1, "url", 10)[0]["id"]  # XADD makes a bare stream
+    assert claim_soon(worker)["id"] == gen_id  # the group is recreated, from the start
+    worker.finish(gen_id, "succeeded")
+    assert sum("recreated" in rec.getMessage() for rec in caplog.records) == 1
+
+    r.xadd("wanlite:queue", {"junk": "1"})  # an entry without a job id
+    r.hset("wanlite:gen:bad", mapping={"id": "bad", "params": "{not json", "status": "queued"})
+    r.zadd("wanlite:index", {"bad": 10_000})
+    r.sadd("wanlite:queued", "bad")
+    r.xadd("wanlite:queue", {"id": "bad"})  # its entry
+    good = api.enqueue(MODEL, PARAMS, 1, "url", 10)[0]["id"]
+    caplog.clear()
+    assert claim_soon(worker)["id"] == good  # both poison entries passed over...
+    worker.finish(good, "succeeded")
+    assert r.xlen("wanlite:queue") == 0 and r.xpending("wanlite:queue", "workers")["pending"] == 0
+    assert [rec.getMessage() for rec in caplog.records] == [
+        "queue entry without a job id dropped",
+        "unreadable job hash dropped from the listings",
+    ]  # ...acknowledged, deleted and logged once each
+    assert [row["id"] for row in api.page()[0]] == [good, gen_id]  # listings skip it
+    assert r.zscore("wanlite:index", "bad") is None and not r.sismember("wanlite:queued", "bad")
+    assert api.get("bad") is None and len(caplog.records) == 2  # found again: no new line
+
+    seq = api.get(good)["seq"]
+    api.delete(good)
+    assert api.get(good) is None and api.seq_of(good) == seq  # a cursor after the delete
+    assert api.seq_of("never-was") is None
+
+
+def test_serve_on_redis_survives_flushall_and_poison_and_says_when_redis_is_down(
+    redis_server, tmp_path
+):
+    """One ``serve --store redis://`` with its worker thread: listings survive poison in Redis,
+    a FLUSHALL does not stall the queue, and while Redis is down /ready is 503 and the API
+    answers 503 (not 500), then all is well again once it is back."""
+    s = api_server(tmp_path, "s", redis_server.url, tmp_path / "results").start()
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        s.wait_ready(timeout=300)
+        first = s.wait(s.enqueue()[0])["generation_id"]
+        r.hset("wanlite:gen:bad", mapping={"id": "bad", "params": "[", "status": "succeeded"})
+        r.zadd("wanlite:index", {"bad": 10_000})
+        r.xadd("wanlite:queue", {"junk": "1"})
+        for path, key in (("/api/ai/queue?status=all", "generations"), ("/v1/videos", "data")):
+            got = s.req("GET", path)
+            assert got.status_code == 200, (path, got.text)
+            assert [g.get("generation_id", g.get("id")) for g in got.json()[key]] == [first]
+        stream = EventLog(s)
+        for junk in (b"{not json", b'{"name": "x", "data": {}}', b"[]"):
+            r.publish("wanlite:events", junk)  # the relay drops them and goes on
+        second = s.enqueue()[0]
+        assert stream.wait_for(second, "media_generation_completed")["status"] == "succeeded"
+        stream.resp.close()
+
+        r.flushall()
+        after = s.enqueue()[0]
+        assert s.wait(after, timeout=60)["status"] == "succeeded"  # not stuck in "queued"
+        assert s.req("GET", f"/api/ai/queue/{first}").status_code == 404  # flushed with the rest
+
+        redis_server.kill()
+        deadline = time.monotonic() + 10
+        while (ready := s.req("GET", "/ready")).status_code != 503:
+            assert time.monotonic() < deadline, ready.text
+            time.sleep(0.2)
+        assert ready.json()["status"] == "unavailable" and "unreachable" in ready.json()["error"]
+        for method, path in (("GET", f"/api/ai/queue/{after}"), ("GET", "/v1/videos")):
+            got = s.req(method, path)
+            assert got.status_code == 503 and got.headers["retry-after"], (path, got.text)
+        got = s.req("POST", "/api/ai/queue", json={"model": SERVED, "prompt": "x", **SMALL})
+        assert got.status_code == 503, got.text
+
+        redis_server.start()
+        s.wait_ready(timeout=30)
+        assert s.wait(s.enqueue()[0], timeout=60)["status"] == "succeeded"
+        records = s.log_records()
+        assert [x for x in records if x.get("status") == 500] == []
+        assert [x for x in records if x["msg"] == "worker error"] == []  # no tracebacks
+        assert any("recreated" in x["msg"] for x in records)
+        assert sum(x["msg"] == "event relay: message dropped" for x in records) == 3
     finally:
         assert s.stop() in CLEAN_EXIT, s.log_tail()

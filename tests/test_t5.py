@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wanlite import t5
-from wanlite.configs import TINY
-from wanlite.random_checkpoint import random_state_dict
+from wanlite.models import t5
+from wanlite.models.configs import TINY
+from wanlite.weights.random_checkpoint import random_state_dict
 
 transformers = pytest.importorskip("transformers")
 

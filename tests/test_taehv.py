@@ -1,5 +1,6 @@
 """The tiny VAE decoder (TAEHV taew2_1): file layout, loading checks, frame counts, streaming,
-an independent transcription of the reference algorithm, and the pipeline's decoder choice."""
+an independent transcription of the reference algorithm, bf16 and channels-last on CPU, and the
+pipeline's decoder choice."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wanlite.random_checkpoint import write_random_taehv
-from wanlite.taehv import TinyDecoder, file_shapes, load_tiny_decoder
+from wanlite.models.taehv import TinyDecoder, file_shapes, load_tiny_decoder
+from wanlite.weights.random_checkpoint import write_random_taehv
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,73 @@ def test_frame_counts_sizes_and_streaming(tae, latent_frames):
     if latent_frames > 1:  # the memory matters: a later chunk alone is not the same
         alone = list(tae.iter_decode(z[:, :, 1:]))[0][:, :, -1]
         assert (alone - chunks[1][:, :, -1]).abs().max() > 1e-3
+
+
+def _conv_input_layouts(model, run) -> set[bool]:
+    """{is channels-last} over every conv input of ``run()``."""
+    seen: set[bool] = set()
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda m, a: seen.add(a[0].is_contiguous(memory_format=torch.channels_last))
+        )
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR (dB) of frames in [0, 1]."""
+    return 10 * math.log10(1 / (a.float() - b.float()).pow(2).mean().item())
+
+
+def test_channels_last_on_cpu_and_both_layouts_agree(tae_file):
+    """Channels-last by default on CPU (as the full VAE), every conv fed NHWC; the usual layout
+    on request; the same frames (fp32), whole or streamed."""
+    model = load_tiny_decoder(tae_file)
+    z = torch.randn(1, 16, 3, 6, 10, generator=torch.Generator().manual_seed(4))
+    assert model.channels_last is None and model.layout(z) == torch.channels_last
+    out = {}
+    assert _conv_input_layouts(model, lambda: out.setdefault("nhwc", model.decode(z))) == {True}
+    model.channels_last = False
+    assert _conv_input_layouts(model, lambda: out.setdefault("nchw", model.decode(z))) == {False}
+    torch.testing.assert_close(out["nhwc"], out["nchw"], atol=2e-5, rtol=0)
+    streamed = torch.cat(list(model.iter_decode(z)), 2)
+    model.channels_last = None
+    torch.testing.assert_close(
+        torch.cat(list(model.iter_decode(z)), 2), streamed, atol=2e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_bf16_decoder_close_to_fp32(tae_file, tae, channels_last):
+    model = load_tiny_decoder(tae_file, dtype=torch.bfloat16)
+    model.channels_last = channels_last
+    assert model.decoder[1].weight.dtype == torch.bfloat16
+    z = torch.randn(1, 16, 3, 6, 10, generator=torch.Generator().manual_seed(5))
+    ref, got = tae.decode(z), model.decode(z)
+    assert got.dtype == torch.bfloat16 and got.shape == ref.shape
+    psnr = _psnr(got, ref)
+    assert psnr > 35, psnr  # measured ~45 dB on random weights (bf16 rounding)
+    assert _psnr(tae.decode(z * 1.05), ref) < psnr  # the bar discriminates a small change
+
+
+def test_pipeline_tiny_vae_dtype_follows_the_vae(tiny_checkpoint, tae_file):
+    from wanlite import Options
+    from wanlite.pipeline import Pipeline
+
+    def tae_dtype(**kw):
+        o = Options(device="cpu", decoder="taew2_1", tae=str(tae_file), **kw)
+        return Pipeline(tiny_checkpoint, o).tae.decoder[1].weight.dtype
+
+    assert tae_dtype(dtype="bfloat16") == torch.bfloat16  # as the full VAE ("auto")
+    assert tae_dtype(dtype="bfloat16", vae_dtype="float32") == torch.float32
+    assert tae_dtype(dtype="float32") == torch.float32
 
 
 def _save(tmp_path, state, name="bad.safetensors"):

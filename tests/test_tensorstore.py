@@ -3,8 +3,8 @@
 import torch
 from safetensors.torch import save_file
 
-from wanlite.memory import cpu_current_bytes
-from wanlite.tensorstore import TensorStore
+from wanlite.runtime.memory import cpu_current_bytes
+from wanlite.weights.tensorstore import TensorStore
 
 
 def _store(tmp_path, tensors):

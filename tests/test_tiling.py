@@ -1,10 +1,10 @@
 import numpy as np
 import torch
 
-from wanlite.configs import TINY
-from wanlite.random_checkpoint import random_state_dict
-from wanlite.tiling import _weights, iter_decode_tiled, tile_starts
-from wanlite.vae import WanVAE
+from wanlite.models.configs import TINY
+from wanlite.models.vae import WanVAE
+from wanlite.runtime.tiling import _weights, iter_decode_tiled, tile_starts
+from wanlite.weights.random_checkpoint import random_state_dict
 
 
 def test_tiles_cover_with_overlap():

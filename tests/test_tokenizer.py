@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from wanlite.tokenizer import SPECIALS, Tokenizer, clean_prompt, write_random_tokenizer
+from wanlite.models.tokenizer import SPECIALS, Tokenizer, clean_prompt, write_random_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -119,7 +119,7 @@ def test_random_tokenizer_is_deterministic(tmp_path):
     a = write_random_tokenizer(tmp_path / "a", vocab_size=512)
     b = write_random_tokenizer(tmp_path / "b", vocab_size=512)
     code = (
-        "import sys; from wanlite.tokenizer import write_random_tokenizer as w; "
+        "import sys; from wanlite.models.tokenizer import write_random_tokenizer as w; "
         "w(sys.argv[1], vocab_size=512)"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], check=True)

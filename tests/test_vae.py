@@ -3,9 +3,15 @@
 import pytest
 import torch
 
-from wanlite.configs import FULL, TINY
-from wanlite.random_checkpoint import random_state_dict
-from wanlite.vae import CausalCache, CausalConv3d, WanVAE, from_diffusers_key, to_diffusers_key
+from wanlite.models.configs import FULL, TINY
+from wanlite.models.vae import (
+    CausalCache,
+    CausalConv3d,
+    WanVAE,
+    from_diffusers_key,
+    to_diffusers_key,
+)
+from wanlite.weights.random_checkpoint import random_state_dict
 
 TOL = 1e-4
 
@@ -94,7 +100,7 @@ def test_both_activation_layouts_match_diffusers(models, monkeypatch, memory_for
     """CPU runs channels-last; other devices the contiguous layout.  Both on CPU, encode and
     decode, so the layout-specific paths (the norm's channel sum, the upsampler's output
     buffer) run here whatever device picks them."""
-    import wanlite.vae as vae_mod
+    import wanlite.models.vae as vae_mod
 
     monkeypatch.setattr(vae_mod, "layout", lambda x: getattr(torch, memory_format))
     ours, ref = models

@@ -423,3 +423,58 @@ def test_history_after_a_reload_from_another_host_name(server, browser, artifact
     fill(browser, prompt="a red fox in the snow, at dusk", **SMALL)
     js(browser, "window.scrollTo(0, 0)")
     shot(browser, artifacts, "7-history")
+
+
+# -- a causal model: the video plays while it is made (issue 24) ------------------------------
+LIVE = {"height": 128, "width": 128, "num_frames": 120}  # 11 chunks, ~1 s each here: ~12 s
+
+
+@pytest.fixture(scope="module")
+def causal_server(tiny_checkpoint, tmp_path_factory):
+    from wanlite.weights.random_checkpoint import write_causal_file
+
+    folder = tmp_path_factory.mktemp("web-causal")
+    causal = write_causal_file(tiny_checkpoint, folder / "self_forcing.pt")
+    s = Server(folder / "data", extra=("--transformer", str(causal)))
+    s.start().wait_ready()
+    yield s
+    assert s.stop() in CLEAN_EXIT, s.log_tail()
+
+
+def test_a_causal_job_plays_while_it_is_made(causal_server, browser, artifacts):
+    """MediaSource on the growing fragmented MP4 in real headless Chromium: the live <video>
+    shows frames (currentTime > 0, decoded frames > 0) while the job is still running; then
+    the finished result replaces it and plays whole."""
+    server = causal_server
+    model = server.req("GET", f"/api/ai/models/{MODEL}").json()
+    assert model["streaming"] is True
+    open_page(browser, server.base + "/")
+    gen_id = submit_new_job(browser, prompt="a fox that streams", seed="3", **LIVE)
+    li = job(browser, gen_id)
+    video = li.find_element(By.CLASS_NAME, "job-live")
+    probe = """const [v, li] = arguments;
+        const q = v.getVideoPlaybackQuality ? v.getVideoPlaybackQuality() : {};
+        return {t: v.currentTime, frames: q.totalVideoFrames || 0, status: li.dataset.status,
+                live: li.dataset.live || null, hidden: v.hidden, err: v.error && v.error.code,
+                buffered: v.buffered.length ? v.buffered.end(0) : 0,
+                step: li.querySelector('.job-step').textContent};"""
+    shown = wait(
+        browser,
+        lambda d: (s := js(d, probe, video, li))["t"] > 0 and s["frames"] > 0 and s,
+        90,
+        "the live video to play",
+    )
+    api = server.status(gen_id)  # asked after the browser played frames: still running
+    assert shown["status"] == "processing" and api["status"] == "processing", (shown, api)
+    assert api["progress"]["step"] < api["progress"]["total"], api
+    assert shown["live"] == "playing" and not shown["hidden"] and shown["err"] is None, shown
+    assert shown["buffered"] < LIVE["num_frames"] / FPS  # only part of the video exists yet
+    assert shown["step"].endswith(f" of {LIVE['num_frames']} frames"), shown  # frames made
+    assert api["stream_url"] and ".stream.mp4?" in api["stream_url"]  # signed like results
+    shot(browser, artifacts, "8-live")
+    wait(browser, lambda d: job_status(d, gen_id) == "succeeded", 120, "the job to succeed")
+    wait(browser, lambda d: js(d, "return arguments[0].hidden", video), 10, "the live video gone")
+    result = li.find_element(By.CLASS_NAME, "job-video")
+    wait(browser, lambda d: js(d, "return arguments[0].readyState", result) >= 1, 30, "metadata")
+    duration = js(browser, "return arguments[0].duration", result)
+    assert abs(duration - LIVE["num_frames"] / FPS) < 0.5 / FPS, duration

@@ -4,16 +4,20 @@ import wanlite
 pipe = wanlite.load("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")   # or a local folder, or random:tiny
 video = pipe.generate(prompt="a red fox running through snow", seed=42)
 video.save("fox.mp4")
+
+Paths may be ``str`` or ``pathlib.Path``, dtypes names or ``torch.dtype``; a bad request or
+option raises ``wanlite.ParamError`` (a ValueError whose ``field`` names the culprit).
 """
 
 from .options import Options
-from .params import GenerationParams, json_schema, validate
+from .params import GenerationParams, ParamError, json_schema, validate
 from .video import Video
 
 __all__ = [
     "Cancelled",
     "GenerationParams",
     "Options",
+    "ParamError",
     "Pipeline",
     "Video",
     "json_schema",

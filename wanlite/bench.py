@@ -168,8 +168,8 @@ def mode_jobs(
 
 
 def _random_lora(model: str, workdir: Path) -> Path:
-    from .configs import read_model_config
-    from .random_checkpoint import write_random_lora
+    from .models.configs import read_model_config
+    from .weights.random_checkpoint import write_random_lora
 
     path = workdir / "random-lora-rank32.safetensors"
     return path if path.is_file() else write_random_lora(path, read_model_config(model).dit)
@@ -230,8 +230,8 @@ def _merged_ranges(ranges: list[tuple[Path, int, int]]) -> list[tuple[Path, int,
 
 
 def cast_files(model: str, modes: dict[str, dict], base: dict | None = None) -> list[Path]:
-    """The cast cache files (``wanlite.castcache``) the runs of ``modes`` read, written now if
-    missing: a user's second and later calls find them on disk, and so do the timed runs (the
+    """The cast cache files (``wanlite.weights.castcache``) the runs of ``modes`` read, written now
+    if missing: a user's second and later calls find them on disk, and so do the timed runs (the
     call that writes them is timed on its own, see ``benchmarks/bench_speed.py``)."""
     from .pipeline import load
 
@@ -410,10 +410,10 @@ def chart(results: dict[str, dict], path: Path, title: str) -> Path | None:
 
 def main(args) -> int:
     """The ``wanlite bench`` command (arguments from ``cli``)."""
-    from .loading import resolve_model
     from .options import runtime_options
     from .params import validate
-    from .presets import request_defaults
+    from .sampling.presets import request_defaults
+    from .weights.loading import resolve_model
 
     modes = parse_modes(args.modes)
     if args.repeat < 1:
@@ -428,6 +428,7 @@ def main(args) -> int:
         num_inference_steps=steps,
         guidance_scale=guidance,
         seed=args.seed,
+        limits=args.limits or "hosted",
     ).to_dict()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

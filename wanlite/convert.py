@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from . import dit, t5, vae
-from .loading import WEIGHTS, ModelSource, resolve_source
+from .models import dit, t5, vae
+from .weights.loading import WEIGHTS, ModelSource, resolve_source
 
 log = logging.getLogger(__name__)
 WEIGHTS_NAME = {
@@ -52,7 +52,7 @@ def convert(
     if quant not in (None, "none", "int8", "fp8"):
         raise ValueError(f"--quant must be int8 or fp8, got {quant!r}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} exists and is not an empty folder")
+        raise ValueError(f"--out-dir {out} exists and is not an empty folder")
     files = dict(transformer=transformer, text_encoder=text_encoder, vae=vae)
     source = resolve_source(model, **files, tokenizer=tokenizer)
     tmp = out.with_name(f".{out.name}.converting")  # quantize_checkpoint uses ".part" itself
@@ -62,7 +62,7 @@ def convert(
         if quant in (None, "none"):
             _replace(tmp, out)
         else:
-            from .lifecycle import quantize_checkpoint
+            from .runtime.lifecycle import quantize_checkpoint
 
             if out.exists():
                 out.rmdir()  # empty: checked above
@@ -80,7 +80,7 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def write_folder(source: ModelSource, out: Path, shard_bytes: int) -> None:
     """The diffusers layout of ``source`` in the (new) folder ``out``."""
-    from .random_checkpoint import MODEL_INDEX
+    from .weights.random_checkpoint import MODEL_INDEX
 
     cfg = source.config()
     out.mkdir(parents=True)

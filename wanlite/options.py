@@ -1,6 +1,6 @@
 """Runtime options: how to run a checkpoint (device, dtype, attention, memory, speed modes).
 
-``Options`` is independent of the checkpoint (that is ``wanlite.configs``).  The command-line
+``Options`` is independent of the checkpoint (that is ``wanlite.models.configs``).  The command-line
 flags of ``wanlite generate`` and ``wanlite serve`` are made here from one table (``FLAGS``), so
 a new option is added in one place.  Light on purpose: torch is imported only to resolve.
 """
@@ -13,10 +13,34 @@ import math
 import os
 from dataclasses import dataclass
 
+from .params import LIMITS, ParamError
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 _DTYPES.update({"float16": "float16", "fp16": "float16"})
+
+
+def dtype_name(value, name: str = "dtype") -> str:
+    """``"auto"``, a name or alias ("bf16"), or a ``torch.dtype`` -> the canonical name
+    ("bfloat16"); ParamError naming ``name`` otherwise.  torch is not imported: a
+    ``torch.dtype`` prints as "torch.bfloat16"."""
+    text = value
+    if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
+        text = str(value).removeprefix("torch.")
+    if text == "auto" or (isinstance(text, str) and text in _DTYPES):
+        return "auto" if text == "auto" else _DTYPES[text]
+    choices = ["auto", *sorted(_DTYPES), "torch.float32", "torch.bfloat16", "torch.float16"]
+    raise ParamError(f"{name} must be one of {choices}, got {value!r}", name)
+
+
+def path_text(value, name: str) -> str:
+    """A path given as ``str`` or ``os.PathLike`` (``pathlib.Path``) -> str; ParamError else."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise ParamError(f"{name} must be a path (str or os.PathLike), got {value!r}", name)
+    return value
 
 
 @dataclass(frozen=True)
@@ -24,51 +48,92 @@ class Options:
     """Runtime choices, independent of the checkpoint.
 
     device: "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", ...
-    dtype: compute dtype of the DiT and the text encoder; "auto" = bf16 where the hardware
-        multiplies bf16 natively, else fp32 on CPU (bf16 is emulated, slower than fp32, on CPUs
-        without AMX-BF16 / AVX512-BF16) and fp16 on CUDA (GPUs before sm80 have no bf16 units);
-        see ``cpu_bf16_feature`` and ``cuda_auto_dtype``.
-    vae_dtype: the VAE's; "auto" = bf16 when the compute dtype is bf16, else fp32 (see
-        ``resolve_vae_dtype``).
-    attention: attention backend name, or "auto" (see ``wanlite.attention``).
-    quant / offload / max_memory / vae_tiling / embed_cache: memory (see README "Low memory").
+    dtype: compute dtype of the DiT and the text encoder: a name ("bfloat16", "bf16", ...) or a
+        ``torch.dtype`` (``torch.bfloat16``), kept as the canonical name; "auto" = bf16 where
+        the hardware multiplies bf16 natively, else fp32 on CPU (bf16 is emulated, slower than
+        fp32, on CPUs without AMX-BF16 / AVX512-BF16) and fp16 on CUDA (GPUs before sm80 have
+        no bf16 units); see ``cpu_bf16_feature`` and ``cuda_auto_dtype``.
+    vae_dtype: the VAE's (a name or ``torch.dtype``, as ``dtype``); "auto" = bf16 when the
+        compute dtype is bf16, else fp32 (see ``resolve_vae_dtype``).
+    attention: attention backend name, or "auto" (see ``wanlite.ops.attention``).  A checkpoint
+        trained with VSA (FastWan: to_gate_compress weights) runs Video Sparse Attention under
+        "auto" (``wanlite.ops.vsa``), at ``vsa_sparsity`` (None: the published 0.8); a named
+        backend runs it dense.  "radial": Radial Attention's static block-sparse mask
+        (``wanlite.ops.radial``; not exact), dense for the first ``radial_dense_steps`` steps and
+        ``radial_dense_blocks`` blocks, window scaled by ``radial_decay``; the defaults 12, 1,
+        0.2 are the published 1x-length Wan2.1 setting (few-step recipes use 1, 1, 0.2);
+        ``radial_cpu_kernel``: its CPU path, "auto" (flex_attention compiled where a C++
+        compiler is found, else gather), "flex" or "gather" (both exact under the mask).
+    quant / offload / max_memory / vae_tiling / embed_cache: memory (see docs/memory.md).
+        quant "w8a8": int8 weights as "int8", and int8 GEMMs with activations quantized per
+        token (CPU: oneDNN, packed once for resident blocks; CUDA sm80+: ``torch._int_mm``, as
+        "int8" there); not exact (``wanlite.ops.quant``).  "auto" choices never pick it.
     cast_cache: "auto" writes weights that need a narrowing cast (the fp32 DiT run in bf16)
         once, cast, to ``<cache>/cast`` (or to the folder given instead of "auto") and maps
         them in place on later loads: the same values; "off" casts them on every load (see
-        ``wanlite.castcache``).
+        ``wanlite.weights.castcache``).
     cfg_batch: run the conditional and unconditional passes as one batch of 2 ("on"), as two
         forwards ("off"), or batched when the planner's estimate fits the budget ("auto").
     cfg_skip_last: fraction of the last steps that skip the unconditional pass (0 = never).
-    cache / cache_threshold: step caching (see ``wanlite.stepcache``); "off" is exact.
+    cache / cache_threshold: step caching (see ``wanlite.runtime.stepcache``); "off" is exact.
     compile: torch.compile the repeated DiT block (first call pays the compile time).
     linear: kernels of the DiT blocks' linear layers: "aten" (torch's GEMM), "onednn" (fp32
         weights packed once for oneDNN, bias and GELU fused: CPU, resident fp32 blocks only),
-        or "auto" (onednn where it applies, else aten; see ``wanlite.quant``).
+        or "auto" (onednn where it applies, else aten; see ``wanlite.ops.quant``).
+    fused: "triton" runs the DiT blocks' adaLN, gated residual adds and q/k RMSNorm + RoPE with
+        the Triton kernels of ``wanlite.kernels`` (CUDA; off by default until the GPU check
+        shows them faster, see scripts/gpu_check.py's "kernels" section); "off": torch ops.
     lora: ``[(path, scale), ...]`` (or "PATH[:SCALE]" strings): LoRA files merged into the DiT
-        as its weights are read (see ``wanlite.lora``); several add up.
+        as its weights are read (see ``wanlite.weights.lora``); several add up.
     sampler / shift / timesteps: "unipc" (the checkpoint's) or "euler" (flow-matching Euler);
         ``shift`` overrides the scheduler config's ``flow_shift``; ``timesteps`` a fixed list
-        (flow Euler on sigma = t / 1000, as accelerator LoRAs use).  See ``wanlite.scheduler``.
-    preset: a named recipe (``wanlite.presets``, e.g. "causvid"): its sampler, and defaults for
+        (flow Euler on sigma = t / 1000, as accelerator LoRAs use).  See ``sampling.scheduler``.
+    preset: a named recipe (``sampling.presets``, e.g. "causvid"): its sampler, and defaults for
         ``num_inference_steps`` and ``guidance_scale`` that explicit request values override.
-    decoder / tae: "vae" (the full VAE) or "taew2_1" (the tiny VAE, ``wanlite.taehv``: much
+    decoder / tae: "vae" (the full VAE) or "taew2_1" (the tiny VAE, ``wanlite.models.taehv``: much
         faster, lower quality); ``tae`` the path of its ``taew2_1.pth`` / ``.safetensors``,
         needed for "taew2_1" and, if given, also used for live previews.
+    limits: the request ranges ``generate`` accepts (``wanlite.params.LIMITS``): "hosted" (the
+        hosted API's schema exactly: up to 480x640, 120 frames) or "model" (height and width
+        up to 1280, frames up to 1001: Wan2.1's native 832x480 and 480x832 and longer clips, past
+        81 frames through context windows).
+    Paths (``cast_cache``, ``tae``, ``lora``) may be ``str`` or ``os.PathLike``; they are kept
+    as str.  A bad value raises ``wanlite.ParamError`` (a ValueError) naming the option.
     parallel: "cfg=2,ulysses=2" (``parse_parallel``): the two guidance passes on two ranks and/or
-        Ulysses sequence parallel over the DiT's heads, under torchrun (``wanlite.parallel``).
+        Ulysses sequence parallel over the DiT's heads, under torchrun (``runtime.parallel``).
     nag_scale / nag_tau / nag_alpha: NAG, the negative prompt applied inside the conditional
-        pass's cross-attention, so that it works at guidance 1 (``wanlite.nag``).  ``nag_scale``
+        pass's cross-attention, so that it works at guidance 1 (``wanlite.ops.nag``).  ``nag_scale``
         None is off (the default); otherwise it must be > 1 (at 1 NAG would change nothing, and
         below 1 it would pull toward the negative prompt: both are errors, not a silent "off").
         ``nag_tau`` > 0 caps the guided features' L1 norm at tau times the positive's;
         ``nag_alpha`` in [0, 1] blends the guided features with the positive ones.  Defaults
         2.5 and 0.25, as Kijai's Wan node (whose scale default is 11).
+    causal / kv_window / kv_sink: causal (frame-autoregressive) checkpoints, Self-Forcing's and
+        CausVid's (``wanlite.causal``): ``causal`` None detects one from the transformer file,
+        True / False say so.  ``kv_window`` latent frames are attended to (None: every earlier
+        frame), of which the first ``kv_sink`` stay whatever the length ("attention sinks"):
+        memory stays flat past the window.  21 (the 81 frames it was trained on) by default.
+    context_frames / context_overlap / context_schedule / context_fuse: sliding context windows
+        of the bidirectional model (``wanlite.runtime.windows``, after Kijai's
+        ComfyUI-WanVideoWrapper): a video longer than ``context_frames`` video frames is
+        denoised per window at every step, windows overlapping by ``context_overlap`` video
+        frames, their predictions blended ("linear" ramps or "pyramid" weights).  Defaults 81,
+        16, "uniform_standard" (windows move each step) and "linear", the wrapper's; video
+        frames become latent frames as it converts them ((81 - 1) // 4 + 1 = 21, 16 // 4 = 4).
+        ``context_frames`` None (the default) is 81-frame windows for videos longer than the
+        hosted schema's 120 frames only (every hosted request stays one exact pass, as diffusers
+        runs it); a number applies to every video longer than it; 0 turns windows off.
     """
 
     device: str = "auto"
     dtype: str = "auto"
     attention: str = "auto"
-    quant: str = "none"  # "none" | "int8" | "fp8": DiT and umT5 block linears (see quant.py)
+    vsa_sparsity: float | None = None  # VSA-trained checkpoints (FastWan): None = 0.8
+    radial_dense_steps: int = 12  # attention="radial": the first steps run dense
+    radial_dense_blocks: int = 1  # attention="radial": the first DiT blocks run dense
+    radial_decay: float = 0.2  # attention="radial": window width factor (decay_factor)
+    radial_cpu_kernel: str = "auto"  # attention="radial" on CPU: "auto" | "flex" | "gather"
+    quant: str = "none"  # "none" | "int8" | "fp8" | "w8a8": DiT block linears (see quant.py)
     offload: str = "auto"  # "none" | "model" | "blocks" | "auto" (from max_memory)
     max_memory: str | int | None = None  # budget for "auto", e.g. "6GB"; None = what is free
     vae_tiling: str = "auto"  # "auto" | "on" | "off"
@@ -80,6 +145,7 @@ class Options:
     cache_threshold: float | None = None  # None = the mode's default
     compile: bool = False
     linear: str = "auto"  # "auto" | "aten" | "onednn"
+    fused: str = "off"  # "off" | "triton": fused norm / RoPE / gate kernels (wanlite.kernels)
     lora: tuple[tuple[str, float], ...] = ()
     sampler: str = "unipc"  # "unipc" | "euler"
     shift: float | None = None
@@ -88,66 +154,122 @@ class Options:
     vae_dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
     decoder: str = "vae"  # "vae" | "taew2_1"
     tae: str | None = None  # path of taew2_1.pth / .safetensors
-    parallel: str | None = None  # "cfg=2,ulysses=2" under torchrun (see wanlite.parallel)
-    nag_scale: float | None = None  # NAG off; > 1 on (see wanlite.nag)
+    parallel: str | None = None  # "cfg=2,ulysses=2" under torchrun (see wanlite.runtime.parallel)
+    nag_scale: float | None = None  # NAG off; > 1 on (see wanlite.ops.nag)
     nag_tau: float = 2.5
     nag_alpha: float = 0.25
+    limits: str = "hosted"  # "hosted" | "model" (see wanlite.params.LIMITS)
+    causal: bool | None = None  # None: detected from the transformer file (wanlite.causal)
+    kv_window: int | None = 21  # causal: latent frames attended to (None: all; runtime.kvcache)
+    kv_sink: int = 0  # causal: first latent frames always kept in the window
+    context_frames: int | None = None  # None: 81, past 120 frames; 0: off (runtime.windows)
+    context_overlap: int = 16  # video frames shared by neighbouring windows
+    context_schedule: str = "uniform_standard"  # "uniform_standard" | "static_standard"
+    context_fuse: str = "linear"  # "linear" | "pyramid": the windows' blend weights
 
     def __post_init__(self):
         object.__setattr__(self, "lora", tuple(parse_lora(x) for x in self.lora or ()))
         if self.timesteps is not None:
             object.__setattr__(self, "timesteps", parse_timesteps(self.timesteps))
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            choices = ["auto", *sorted(_DTYPES)]
-            raise ValueError(f"dtype must be one of {choices}, got {self.dtype!r}")
-        if self.vae_dtype != "auto" and self.vae_dtype not in _DTYPES:
-            choices = ["auto", *sorted(_DTYPES)]
-            raise ValueError(f"vae_dtype must be one of {choices}, got {self.vae_dtype!r}")
+        object.__setattr__(self, "dtype", dtype_name(self.dtype, "dtype"))
+        object.__setattr__(self, "vae_dtype", dtype_name(self.vae_dtype, "vae_dtype"))
         for name, allowed in (
-            ("quant", ("none", "int8", "fp8")),
+            ("quant", ("none", "int8", "fp8", "w8a8")),
             ("offload", ("none", "model", "blocks", "auto")),
             ("vae_tiling", ("auto", "on", "off")),
             ("cfg_batch", ("auto", "on", "off")),
             ("cache", ("off", "teacache", "firstblock")),
             ("compile", (False, True)),
             ("linear", ("auto", "aten", "onednn")),
+            ("fused", ("off", "triton")),
             ("sampler", ("unipc", "euler")),
             ("decoder", ("vae", "taew2_1")),
+            ("limits", tuple(LIMITS)),
+            ("radial_cpu_kernel", ("auto", "flex", "gather")),
         ):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                msg = f"{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                raise ParamError(msg, name)
         if self.max_memory is not None:
             parse_bytes(self.max_memory)
         if not isinstance(self.cfg_skip_last, int | float) or not 0 <= self.cfg_skip_last < 1:
-            raise ValueError(f"cfg_skip_last must be in [0, 1), got {self.cfg_skip_last!r}")
+            msg = f"cfg_skip_last must be in [0, 1), got {self.cfg_skip_last!r}"
+            raise ParamError(msg, "cfg_skip_last")
         t = self.cache_threshold
         if t is not None and (not isinstance(t, int | float) or isinstance(t, bool) or t < 0):
-            raise ValueError(f"cache_threshold must be a number >= 0, got {t!r}")
+            raise ParamError(f"cache_threshold must be a number >= 0, got {t!r}", "cache_threshold")
         s = self.shift
         if s is not None and (not isinstance(s, int | float) or isinstance(s, bool) or not s > 0):
-            raise ValueError(f"shift must be a number > 0, got {s!r}")
+            raise ParamError(f"shift must be a number > 0, got {s!r}", "shift")
+        vs = self.vsa_sparsity
+        if vs is not None and (
+            not isinstance(vs, int | float) or isinstance(vs, bool) or not 0 <= vs < 1
+        ):
+            raise ParamError(f"vsa_sparsity must be in [0, 1), got {vs!r}", "vsa_sparsity")
         if self.preset is not None and not isinstance(self.preset, str):
-            raise ValueError(f"preset must be a preset name, got {self.preset!r}")
-        if not isinstance(self.cast_cache, str) or not self.cast_cache:
-            raise ValueError(
-                f"cast_cache must be 'auto', 'off' or a folder, got {self.cast_cache!r}"
-            )
-        if self.decoder == "taew2_1" and not self.tae:
-            raise ValueError("decoder 'taew2_1' needs tae: the path of taew2_1.pth/.safetensors")
-        if self.tae is not None:
-            object.__setattr__(self, "tae", str(self.tae))
+            raise ParamError(f"preset must be a preset name, got {self.preset!r}", "preset")
+        for name in ("radial_dense_steps", "radial_dense_blocks"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ParamError(f"{name} must be an integer >= 0, got {v!r}", name)
+        d = self.radial_decay
+        if not isinstance(d, int | float) or isinstance(d, bool) or not 0 < d < math.inf:
+            raise ParamError(f"radial_decay must be a number > 0, got {d!r}", "radial_decay")
+        self._check_paths()
         self._check_nag()
+        self._check_causal()
+        self._check_windows()
         if self.parallel is not None:  # normalised: "cfg=C,ulysses=U", or None for 1 x 1
             cfg, ulysses = parse_parallel(self.parallel)
             text = f"cfg={cfg},ulysses={ulysses}" if cfg * ulysses > 1 else None
             object.__setattr__(self, "parallel", text)
+
+    def _check_paths(self) -> None:
+        if isinstance(self.cast_cache, os.PathLike | str) and os.fspath(self.cast_cache):
+            object.__setattr__(self, "cast_cache", os.fspath(self.cast_cache))
+        else:
+            msg = f"cast_cache must be 'auto', 'off' or a folder, got {self.cast_cache!r}"
+            raise ParamError(msg, "cast_cache")
+        if self.tae is not None:
+            object.__setattr__(self, "tae", path_text(self.tae, "tae"))
+        if self.decoder == "taew2_1" and not self.tae:
+            msg = "decoder 'taew2_1' needs tae: the path of taew2_1.pth/.safetensors"
+            raise ParamError(msg, "tae")
+
+    def _check_causal(self) -> None:
+        if self.causal not in (None, True, False):
+            raise ParamError(f"causal must be True, False or None, got {self.causal!r}", "causal")
+        k, w = self.kv_sink, self.kv_window
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ParamError(f"kv_sink must be an integer >= 0, got {k!r}", "kv_sink")
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < k + 3):
+            msg = f"kv_window must be None or an integer >= kv_sink + 3 (one chunk), got {w!r}"
+            raise ParamError(msg, "kv_window")
+
+    def _check_windows(self) -> None:
+        f, o = self.context_frames, self.context_overlap
+        bad = f is not None and (isinstance(f, bool) or not isinstance(f, int))
+        if bad or not (f is None or f == 0 or f >= 5):
+            msg = "context_frames must be None (auto), 0 (off) or an integer >= 5 (video frames)"
+            raise ParamError(f"{msg}, got {f!r}", "context_frames")
+        # o < f keeps o // 4 < (f - 1) // 4 + 1: in latent frames, each window moves on.
+        if isinstance(o, bool) or not isinstance(o, int) or o < 0 or o >= (f or 81):
+            msg = f"context_overlap must be an integer in [0, context_frames), got {o!r}"
+            raise ParamError(msg, "context_overlap")
+        for name, allowed in (
+            ("context_schedule", ("uniform_standard", "static_standard")),
+            ("context_fuse", ("linear", "pyramid")),
+        ):
+            if getattr(self, name) not in allowed:
+                msg = f"{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                raise ParamError(msg, name)
 
     def _check_nag(self) -> None:
         def number(name: str, ok, rule: str) -> None:
             v = getattr(self, name)
             real = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
             if not real or not ok(v):
-                raise ValueError(f"{name} must be {rule}, got {v!r}")
+                raise ParamError(f"{name} must be {rule}, got {v!r}", name)
 
         if self.nag_scale is not None:
             number("nag_scale", lambda v: v > 1, "a number > 1 (or None: NAG off)")
@@ -197,7 +319,7 @@ class Options:
     def resolve_vae_dtype(self, dtype):
         """The VAE's dtype, given the compute dtype ``dtype``.  "auto": bf16 when that is bf16
         (hardware with bf16 units: there the VAE's convolutions run 2.3-2.7x faster than fp32,
-        and its frames measured 46-48 dB PSNR from fp32's: README "Precision"), else fp32
+        and its frames measured 46-48 dB PSNR from fp32's: docs/precision-and-devices.md), else fp32
         (fp16 is never picked: the VAE's activations can overflow it).  diffusers' Wan docs
         run the VAE in fp32: ``vae_dtype="float32"``."""
         import torch
@@ -267,25 +389,27 @@ def parse_bytes(value: str | int) -> int:
             return int(float(text[:-1]) * units[text[-1]])
         return int(float(text))
     except ValueError:
-        raise ValueError(f"max_memory must look like '6GB' or '512MB', got {value!r}") from None
+        msg = f"max_memory must look like '6GB' or '512MB', got {value!r}"
+        raise ParamError(msg, "max_memory") from None
 
 
 def parse_lora(value) -> tuple[str, float]:
-    """``(path, scale)``, or ``"PATH[:SCALE]"`` (scale default 1.0) -> ``(path, scale)``."""
-    import math
-    from pathlib import Path
-
-    if isinstance(value, str | Path):
-        path, _, scale = str(value).rpartition(":") if ":" in str(value) else (value, "", "1")
+    """``(path, scale)``, ``"PATH[:SCALE]"`` (scale default 1.0) or an ``os.PathLike`` (scale
+    1.0) -> ``(path, scale)``.  A ``Path`` is never split at ':' (it is a path, not a spec)."""
+    if isinstance(value, os.PathLike):
+        value = (os.fspath(value), 1.0)
+    elif isinstance(value, str):
+        path, _, scale = value.rpartition(":") if ":" in value else (value, "", "1")
         try:
-            value = (str(path), float(scale))
+            value = (path, float(scale))
         except ValueError:  # a ':' that is part of the path (no scale after it)
-            value = (str(value), 1.0)
+            value = (value, 1.0)
     ok = isinstance(value, tuple | list) and len(value) == 2
+    ok = ok and isinstance(value[0], str | os.PathLike)
     ok = ok and isinstance(value[1], int | float) and not isinstance(value[1], bool)
-    if not ok or not math.isfinite(value[1]):
-        raise ValueError(f"lora must be (path, scale) or 'PATH[:SCALE]', got {value!r}")
-    return str(value[0]), float(value[1])
+    if not ok or not math.isfinite(value[1]) or not os.fspath(value[0]):
+        raise ParamError(f"lora must be (path, scale) or 'PATH[:SCALE]', got {value!r}", "lora")
+    return os.fspath(value[0]), float(value[1])
 
 
 def parse_timesteps(value) -> tuple[float, ...]:
@@ -294,9 +418,10 @@ def parse_timesteps(value) -> tuple[float, ...]:
     try:
         out = tuple(float(v) for v in items)
     except (TypeError, ValueError):
-        raise ValueError(f"timesteps must be numbers like 1000,934,862, got {value!r}") from None
+        msg = f"timesteps must be numbers like 1000,934,862, got {value!r}"
+        raise ParamError(msg, "timesteps") from None
     if not out:
-        raise ValueError("timesteps must not be empty")
+        raise ParamError("timesteps must not be empty", "timesteps")
     return out
 
 
@@ -306,7 +431,7 @@ PARALLEL_AXES = ("cfg", "ulysses")  # diffusers / SGLang names; "ring" is not im
 def parse_parallel(value) -> tuple[int, int]:
     """``"cfg=2,ulysses=2"`` (or a dict of the same; an axis left out is 1) -> ``(cfg, ulysses)``.
     cfg is 1 or 2 (the two guidance passes); the ulysses degree must also divide the DiT's head
-    count, which ``wanlite.parallel`` checks against the checkpoint."""
+    count, which ``wanlite.runtime.parallel`` checks against the checkpoint."""
     if isinstance(value, dict):
         items = list(value.items())
     else:
@@ -320,62 +445,190 @@ def parse_parallel(value) -> tuple[int, int]:
         except (TypeError, ValueError):
             ok = False
         if not ok or isinstance(degree, bool) or degree < 1:
-            raise ValueError(
+            raise ParamError(
                 f"parallel must look like 'cfg=2,ulysses=2' (axes {PARALLEL_AXES}, each "
-                f"once, degrees >= 1), got {value!r}"
+                f"once, degrees >= 1), got {value!r}",
+                "parallel",
             )
         degrees[name] = degree
     cfg, ulysses = degrees.get("cfg", 1), degrees.get("ulysses", 1)
     if cfg > 2:
-        raise ValueError(f"parallel cfg degree must be 1 or 2 (two guidance passes), got {cfg}")
+        msg = f"parallel cfg degree must be 1 or 2 (two guidance passes), got {cfg}"
+        raise ParamError(msg, "parallel")
     return cfg, ulysses
 
 
 # (option name, argparse type, help).  Each becomes ``--name-with-dashes``; defaults come from
-# ``Options``.  A bool option is a store_true flag.
+# ``Options``, closed sets of values from ``CHOICES``, the --help section from ``GROUPS``.  A bool
+# option is a store_true flag.
 FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("device", str, "auto | cpu | cuda[:N]"),
-    ("dtype", str, "auto | float32 | bfloat16 | float16"),
-    ("vae_dtype", str, "auto | float32 | bfloat16 (auto: bf16 with a bf16 DiT; see README)"),
-    ("attention", str, "auto | sdpa | math | flash_attn | sage | xformers"),
-    ("quant", str, "none | int8 | fp8 (DiT and umT5 blocks)"),
-    ("offload", str, "auto | none | model | blocks"),
-    ("max_memory", str, "memory budget for auto, e.g. 6GB"),
-    ("vae_tiling", str, "auto | on | off"),
+    ("device", str, "auto (CUDA if present, else CPU) | cpu | cuda | cuda:N"),
+    ("dtype", str, "compute dtype of the DiT and umT5 (auto: bf16 where the hardware has it)"),
+    ("vae_dtype", str, "the VAE's dtype (auto: bf16 with a bf16 DiT, else float32)"),
+    ("attention", str, "attention backend (auto: the fastest usable one)"),
+    ("vsa_sparsity", float, "VSA checkpoints (FastWan): key cubes dropped (default 0.8)"),
+    ("radial_dense_steps", int, "--attention radial: the first steps run dense"),
+    ("radial_dense_blocks", int, "--attention radial: the first DiT blocks run dense"),
+    ("radial_decay", float, "--attention radial: window width factor (decay_factor)"),
+    ("radial_cpu_kernel", str, "--attention radial on CPU: flex_attention or SDPA on gathers"),
+    ("quant", str, "quantized weights of the DiT and umT5 blocks"),
+    ("offload", str, "where weights wait between uses (auto: from --max-memory)"),
+    ("max_memory", str, "memory budget for --offload auto, e.g. 6GB (default: what is free)"),
+    ("vae_tiling", str, "decode in tiles (auto: when the budget needs it)"),
     ("cast_cache", str, "auto | off | DIR: keep the DiT cast to bf16 on disk (faster loads)"),
-    ("cfg_batch", str, "auto | on | off (CFG passes as a batch)"),
+    ("cfg_batch", str, "run the two CFG passes as one batch (auto: when it fits)"),
     ("cfg_skip_last", float, "skip the negative pass on this fraction of the last steps"),
-    ("cache", str, "off | teacache | firstblock (not exact)"),
-    ("cache_threshold", float, "step-cache threshold"),
+    ("cache", str, "step cache: skips DiT forwards (not exact)"),
+    ("cache_threshold", float, "step-cache threshold (default: the cache's own)"),
     ("compile", bool, "torch.compile the DiT block"),
-    ("linear", str, "auto | aten | onednn (DiT block GEMMs)"),
-    ("lora", list, "PATH[:SCALE] a LoRA file merged into the DiT (repeatable; scale 1.0)"),
-    ("sampler", str, "unipc | euler"),
+    ("linear", str, "kernels of the DiT block GEMMs (auto: onednn where it applies)"),
+    ("fused", str, "triton: fused norm / RoPE / gated-add kernels in the DiT blocks (CUDA)"),
+    ("lora", list, "a LoRA file merged into the DiT, at SCALE (1.0 if left out); repeatable"),
+    ("sampler", str, "unipc (the checkpoint's) or flow-matching euler"),
     ("shift", float, "flow shift (default: the checkpoint's scheduler config)"),
     ("timesteps", str, "a fixed timestep list for flow Euler, e.g. 1000,934,862,756"),
-    ("decoder", str, "vae | taew2_1 (the tiny VAE: fast, lower quality; needs --tae)"),
+    ("decoder", str, "vae, or taew2_1: the tiny VAE (fast, lower quality; needs --tae)"),
     ("tae", str, "path of taew2_1.pth/.safetensors (the tiny VAE; also used for previews)"),
     ("parallel", str, "cfg=2,ulysses=2 under torchrun: CFG / sequence parallel (cfg*ulysses)"),
     ("nag_scale", float, "NAG (> 1, e.g. 11): negative prompt in cross-attention; off if unset"),
-    ("nag_tau", float, "NAG: cap of the guided features' L1 norm, times the positive's (2.5)"),
-    ("nag_alpha", float, "NAG: blend of guided and positive features, in [0, 1] (0.25)"),
+    ("nag_tau", float, "NAG: cap of the guided features' L1 norm, times the positive's"),
+    ("nag_alpha", float, "NAG: blend of guided and positive features, in [0, 1]"),
+    ("limits", str, "request ranges: hosted (the hosted API's) or model (1280, 1001 frames)"),
+    ("causal", bool, "the DiT is causal (Self-Forcing, CausVid; default: detected from its file)"),
+    ("kv_window", int, "causal: latent frames attended to (a rolling window: flat memory)"),
+    ("kv_sink", int, "causal: first latent frames kept in the window (attention sinks)"),
+    (
+        "context_frames",
+        int,
+        "video frames per context window (default: 81, for videos over 120 frames only; 0 = off)",
+    ),
+    ("context_overlap", int, "video frames shared by neighbouring context windows"),
+    ("context_schedule", str, "context windows: uniform_standard (moving) or static_standard"),
+    ("context_fuse", str, "context windows' blend weights: linear ramps or pyramid"),
 )
+# The flags with a closed set of values (argparse refuses others, listing these).  Kept equal
+# to what ``Options`` accepts (tests/test_options.py); attention's names are
+# ``wanlite.ops.attention.NAMES``, not imported here because that module imports torch.
+_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dtype": _DTYPE_CHOICES,
+    "vae_dtype": _DTYPE_CHOICES,
+    "attention": ("auto", "sdpa", "math", "flash_attn", "sage", "xformers", "radial"),
+    "quant": ("none", "int8", "fp8", "w8a8"),
+    "offload": ("auto", "none", "model", "blocks"),
+    "vae_tiling": ("auto", "on", "off"),
+    "cfg_batch": ("auto", "on", "off"),
+    "cache": ("off", "teacache", "firstblock"),
+    "linear": ("auto", "aten", "onednn"),
+    "fused": ("off", "triton"),
+    "sampler": ("unipc", "euler"),
+    "decoder": ("vae", "taew2_1"),
+    "limits": tuple(LIMITS),
+    "radial_cpu_kernel": ("auto", "flex", "gather"),
+    "context_schedule": ("uniform_standard", "static_standard"),
+    "context_fuse": ("linear", "pyramid"),
+}
+# The --help section of each runtime flag, in the order the sections are shown (the commands
+# add "model and files" and "output and logging" around them).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "request": ("limits",),
+    "precision and memory": (
+        *("device", "dtype", "vae_dtype", "quant", "offload", "max_memory", "vae_tiling"),
+        "cast_cache",
+    ),
+    "speed": (
+        *("attention", "linear", "fused", "compile", "cfg_batch", "cfg_skip_last", "cache"),
+        *("cache_threshold", "decoder", "tae", "parallel", "vsa_sparsity"),
+        *("radial_dense_steps", "radial_dense_blocks", "radial_decay", "radial_cpu_kernel"),
+    ),
+    "accelerators": (
+        *("sampler", "shift", "timesteps", "lora", "nag_scale", "nag_tau", "nag_alpha"),
+        *("causal", "kv_window", "kv_sink"),
+    ),
+    "long videos": ("context_frames", "context_overlap", "context_schedule", "context_fuse"),
+}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with "(default: X)" after each flag that has a default to show: not after one
+    whose help already names its default, nor for None, False or an empty list."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text, default = action.help or "", action.default
+        nothing = default is None or default is False or default == [] or default == ()
+        if "default" in text or nothing:
+            return text
+        return super()._get_help_string(action)
+
+
+def arg_group(parser: argparse.ArgumentParser, title: str):
+    """The argument group ``title`` of ``parser``, made (at the end of --help) if new."""
+    for group in parser._action_groups:  # argparse keeps no public index of its groups
+        if group.title == title:
+            return group
+    return parser.add_argument_group(title)
+
+
+def add_logging_options(group) -> None:
+    """``--log-level`` and its shorthand ``-q/--quiet`` (= warning: no progress bars, no info
+    lines), the one logging scheme of every command."""
+    group.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log lines shown")
+    group.add_argument(
+        "-q",
+        "--quiet",
+        dest="log_level",
+        action="store_const",
+        const="warning",
+        default=argparse.SUPPRESS,  # --log-level's default stands
+        help="same as --log-level warning: errors, warnings and the summary only",
+    )
 
 
 def add_runtime_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
-    """Add the ``Options`` flags to ``parser``.  ``defaults=False`` leaves every default None
-    (``wanlite bench`` passes on only the flags that were given)."""
+    """Add the ``Options`` flags to ``parser``, each in its ``GROUPS`` section.
+    ``defaults=False`` leaves every default None (``wanlite bench`` passes on only the flags
+    that were given)."""
     base = Options()
+    for title in GROUPS:  # the sections in their order (those already there stay in place)
+        arg_group(parser, title)
+    section = {name: title for title, names in GROUPS.items() for name in names}
     for name, kind, text in FLAGS:
         flag = "--" + name.replace("_", "-")
         default = getattr(base, name) if defaults else None
+        group = arg_group(parser, section[name]) if name in section else parser
         if kind is bool:
-            parser.add_argument(flag, action="store_true", default=default, help=text)
+            group.add_argument(flag, action="store_true", default=default, help=text)
         elif kind is list:  # repeatable; None when never given
-            parser.add_argument(flag, action="append", default=None, metavar="PATH[:SCALE]",
-                                help=text)  # fmt: skip
+            group.add_argument(flag, action="append", default=None, metavar="PATH[:SCALE]",
+                               help=text)  # fmt: skip
         else:
-            parser.add_argument(flag, type=kind, default=default, help=text)
+            choices = CHOICES.get(name)
+            group.add_argument(flag, type=kind, default=default, choices=choices, help=text)
+
+
+# Single files replacing a model folder's weight sets (``wanlite.load``'s keywords), for every
+# command that loads a model.
+SINGLE_FILES = {
+    "transformer": "the DiT: safetensors (original/diffusers names, bf16/fp16/fp32/fp8), GGUF, "
+    "or a Self-Forcing / CausVid causal .pt",
+    "text-encoder": "the umT5: safetensors (HF-T5 or Wan names, fp8 scaled too), .pth, GGUF",
+    "vae": "the VAE: .pth or safetensors (original or diffusers names)",
+    "tokenizer": "the umT5 tokenizer: a folder with tokenizer.json (or the file)",
+}
+
+
+def add_single_file_flags(group, tokenizer: bool = True) -> None:
+    """--transformer / --text-encoder / --vae (/ --tokenizer): single files (``formats``)."""
+    for name, text in SINGLE_FILES.items():
+        if tokenizer or name != "tokenizer":
+            group.add_argument(f"--{name}", default=None, help=f"single file for {text}")
+
+
+def single_files(args: argparse.Namespace) -> dict:
+    """The single-file flags that were given, as ``wanlite.load``'s keywords."""
+    names = (n.replace("-", "_") for n in SINGLE_FILES)
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def runtime_options(args: argparse.Namespace) -> dict:

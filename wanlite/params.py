@@ -4,13 +4,19 @@ and the server, exportable as JSON Schema.
 Names, defaults and ranges are exactly the hosted API's ("Request parameters" of the hosted
 model page).  Validation is strict and happens before any model work: a bool is not an int, a
 float is not an int, NaN is not a number in range, and an empty prompt is refused.
+
+Two sets of limits (``LIMITS``): "hosted" (the default everywhere: the hosted schema exactly)
+and "model", which widens height and width to 1-1280 and frames to 1-1001 so that Wan2.1's
+native sizes (832x480, 480x832) and longer clips can be asked for; every other field and
+every default is the same.  ``fields(limits)``, ``validate(..., limits=)`` and
+``json_schema(limits)`` take the name.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 MAX_SEED = 2**63 - 1  # fits SQLite INTEGER and torch.Generator.manual_seed
@@ -18,11 +24,17 @@ MODEL_ID = "wan-ai-wan2-1-t2v-1-3b-diffusers"  # the hosted API's id for this mo
 
 
 class ParamError(ValueError):
-    """A bad parameter; ``param`` names it (None when several or none are to blame)."""
+    """A bad parameter or option: ``field`` names it (None when several or none are to blame);
+    the message names it too, with its allowed range.  ``param`` is the same name (the
+    OpenAI error shape's word, which the server uses)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.field = field
+
+    @property
+    def param(self) -> str | None:
+        return self.field
 
 
 def _quote(text: str) -> str:
@@ -61,7 +73,7 @@ class Field:
         """Return the normalized value or raise ValueError naming this field and its range."""
         if value is None and self.nullable:
             return None
-        shown = _quote(value) if isinstance(value, str) else repr(value)
+        shown = _quote(value) if isinstance(value, str) else _shown(value)
         bad = ParamError(f"{self.name} must be {self.range_text()}, got {shown}", self.name)
         if self.type == "string":
             if not isinstance(value, str) or (self.required and not value.strip()):
@@ -77,12 +89,24 @@ class Field:
                 raise bad
             value = int(value)
         else:
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an int of hundreds of digits: out of any range
+                raise bad from None
             if not math.isfinite(value):
                 raise bad
         if not self.minimum <= value <= self.maximum:
             raise bad
         return value
+
+
+def _shown(value: Any) -> str:
+    """``repr`` of a bad value, short: Python refuses to print ints over 4,300 digits."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def _num(x: float) -> str:
@@ -121,6 +145,28 @@ FIELDS: tuple[Field, ...] = (
 )
 FIELDS_BY_NAME = {f.name: f for f in FIELDS}
 
+# (minimum, maximum) that differ from the hosted schema, per set of limits.  "model": sizes up
+# to 1280 (Wan2.1 1.3B is made for 480P, 832x480 and 480x832; 720P runs but, by the official
+# README, less stably) and up to 1001 frames (62.5 s at 16 fps; the official default is 81):
+# past 81 frames (``Options.context_frames``) the bidirectional DiT denoises them in sliding
+# context windows (``runtime.windows``), so its memory stays flat in the length.  For users with
+# real weights and the memory.  Beyond what it was made for, quality is not promised.
+LIMITS: dict[str, dict[str, tuple[int, int]]] = {
+    "hosted": {},
+    "model": {"height": (1, 1280), "width": (1, 1280), "num_frames": (1, 1001)},
+}
+
+
+def fields(limits: str = "hosted") -> tuple[Field, ...]:
+    """The request fields under a set of limits ("hosted" = ``FIELDS``)."""
+    if limits not in LIMITS:
+        raise ParamError(f"limits must be one of {tuple(LIMITS)}, got {limits!r}", "limits")
+    wider = LIMITS[limits]
+    return tuple(
+        replace(f, minimum=wider[f.name][0], maximum=wider[f.name][1]) if f.name in wider else f
+        for f in FIELDS
+    )
+
 
 @dataclass(frozen=True)
 class GenerationParams:
@@ -137,8 +183,12 @@ class GenerationParams:
         return asdict(self)
 
 
-def validate(params: dict[str, Any] | None = None, **kwargs: Any) -> GenerationParams:
-    """Check every field (unknown names included) and return the normalized parameters."""
+def validate(
+    params: dict[str, Any] | None = None, *, limits: str = "hosted", **kwargs: Any
+) -> GenerationParams:
+    """Check every field (unknown names included) and return the normalized parameters;
+    ``limits`` names the ranges ("hosted", the default, or "model": see ``LIMITS``)."""
+    checks = fields(limits)
     given = {**(params or {}), **kwargs}
     unknown = sorted(set(given) - set(FIELDS_BY_NAME), key=_quote)
     if unknown:
@@ -149,16 +199,17 @@ def validate(params: dict[str, Any] | None = None, **kwargs: Any) -> GenerationP
     if "prompt" not in given:
         raise ParamError("prompt is required: a non-empty string", "prompt")
     out = {}
-    for f in FIELDS:
+    for f in checks:
         value = given.get(f.name, f.default)
         out[f.name] = f.check(value)
     return GenerationParams(**out)
 
 
-def json_schema() -> dict[str, Any]:
-    """JSON Schema (draft 2020-12) of the request parameters."""
+def json_schema(limits: str = "hosted") -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of the request parameters under ``limits``."""
+    checks = fields(limits)
     props: dict[str, Any] = {}
-    for f in FIELDS:
+    for f in checks:
         p: dict[str, Any] = {"type": f.type, "description": f.description}
         if f.nullable:
             p["type"] = [f.type, "null"]
@@ -175,6 +226,6 @@ def json_schema() -> dict[str, Any]:
         "title": "Wan2.1 T2V 1.3B generation request",
         "type": "object",
         "properties": props,
-        "required": [f.name for f in FIELDS if f.required],
+        "required": [f.name for f in checks if f.required],
         "additionalProperties": False,
     }

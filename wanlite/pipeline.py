@@ -9,7 +9,7 @@ state stays fp32 and latents are cast to the DiT dtype only for each forward; CF
 planner finds room (else as two forwards; the two agree within float tolerance).  The DiT then
 attends to each prompt's padding as one merged key (``dit.TextState``), also exact.
 
-With ``nag_scale`` set (``wanlite.nag``), the negative prompt is encoded even at guidance <= 1
+With ``nag_scale`` set (``wanlite.ops.nag``), the negative prompt is encoded even at guidance <= 1
 and steers the conditional pass inside every block's cross-attention; its text state and K/V
 are prepared once per generation, like the prompt's.  The unconditional pass of CFG is unchanged.
 
@@ -17,6 +17,18 @@ Sizes that the model cannot make directly are generated at the next valid size a
 height and width round up to a multiple of 16 (VAE stride 8 x patch 2) and are center-cropped;
 the frame count rounds up to 4k+1 (VAE temporal stride 4) and the extra frames at the end are
 dropped.  The result always has exactly the requested height, width and frame count.
+
+Past ``Options.context_frames`` (81 by default) the DiT runs each step on sliding context windows
+of that many frames, blended (``wanlite.runtime.windows``, after Kijai's ComfyUI-WanVideoWrapper):
+its memory stays flat in the length, and the result is no longer diffusers' single pass
+(``context_frames=0`` keeps that).
+
+``output_type`` picks what ``video.frames`` holds (one video: diffusers' ``.frames[0]``):
+"frames" (the default, unchanged) uint8 [F, H, W, 3]; diffusers' "np" float32 [F, H, W, 3] in
+[0, 1] and "pt" a float32 CPU tensor [F, 3, H, W] in [0, 1], both from the decoder's floats
+(x/2 + 0.5, clamped, as diffusers' ``VideoProcessor``), not from rounded bytes; "pil" a list
+of RGB ``PIL.Image`` per frame (Pillow: ``pip install 'wanlite[pil]'``), rounded as diffusers'
+``numpy_to_pil``; "latent" no decoding (``video.latents`` only).
 """
 
 from __future__ import annotations
@@ -24,34 +36,47 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import planner, stepcache
-from .configs import ModelConfig
-from .dit import NagText, TextState
-from .embed_cache import EmbeddingCache
-from .lifecycle import components
-from .loading import ModelSource, resolve_source
-from .memory import PeakMeter
-from .nag import NAG
+from .causal import SELF_FORCING, causal_chunks
+from .frames import (
+    Plan,
+    as_output,
+    check_output,
+    counted,
+    initial_noise,
+    model_label,
+    to_float,
+    to_uint8,
+)
+from .models.taehv import load_tiny_decoder
+from .models.tokenizer import Tokenizer, clean_prompt
+from .models.vae import StreamDecoder
+from .ops.nag import NAG
 from .options import Options
-from .parallel import init_parallel
-from .params import GenerationParams, validate
-from .presets import get_preset, request_defaults
+from .params import GenerationParams, ParamError, fields, validate
 from .preview import Crop, PreviewCallback, Previewer
-from .scheduler import Sampler, make_sampler, to_x0
-from .taehv import load_tiny_decoder
-from .tiling import iter_decode_tiled
-from .tokenizer import Tokenizer, clean_prompt
-from .video import Video, write_mp4
+from .runtime import planner
+from .runtime.branches import Branches
+from .runtime.embed_cache import EmbeddingCache
+from .runtime.lifecycle import components
+from .runtime.memory import PeakMeter
+from .runtime.parallel import init_parallel
+from .runtime.tiling import iter_decode_tiled
+from .runtime.windows import ContextWindows
+from .sampling.presets import get_preset, request_defaults
+from .sampling.scheduler import Sampler, make_sampler, to_x0
+from .video import Video, made_by, write_mp4
+from .weights.loading import ModelSource, resolve_source
+from .weights.pthstore import is_causal_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -63,42 +88,9 @@ class Cancelled(Exception):
     """Raised through ``generate`` when a step callback asks to stop."""
 
 
-@dataclass(frozen=True)
-class Plan:
-    """The size actually generated for a request, and how it is cut back."""
-
-    height: int
-    width: int
-    num_frames: int
-    latent_shape: tuple[int, int, int, int]  # (channels, frames, height, width)
-
-    @classmethod
-    def for_request(cls, p: GenerationParams, cfg: ModelConfig) -> Plan:
-        s = cfg.vae.spatial_stride * cfg.dit.patch_size[1]
-        ts = cfg.vae.temporal_stride
-        h, w = -(-p.height // s) * s, -(-p.width // s) * s
-        f = -(-(p.num_frames - 1) // ts) * ts + 1
-        vs = cfg.vae.spatial_stride
-        shape = (cfg.dit.in_channels, (f - 1) // ts + 1, h // vs, w // vs)
-        return cls(h, w, f, shape)
-
-
 # The umT5's token embedding (256k x 4096: 4 GiB in fp32) is never read whole: a prompt needs
 # only its own rows, read from the checkpoint on demand (exact, a few KB each).
 ROW_EMBEDDINGS = {"text_encoder": "token_embedding"}  # component -> module read by rows
-
-
-def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """fp32 noise from a CPU generator, exactly as diffusers draws it for a CPU generator."""
-    g = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn((1, *shape), generator=g, dtype=torch.float32)
-
-
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """[1, 3, T, H, W] in [-1, 1] on any device -> uint8 [T, H, W, 3] on the host (x/2 + 0.5,
-    clamped, rounded).  The rounding runs on the device; only uint8 crosses to the host."""
-    x = (video[0].float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
 
 class Pipeline:
@@ -116,6 +108,7 @@ class Pipeline:
             )
         self.device = self.options.resolve_device()
         self.cfg = self.source.config()
+        self.causal = self._is_causal()
         # parallel="cfg=2,ulysses=2" under torchrun: the process groups and this rank's device.
         heads = self.cfg.dit.num_heads
         self.parallel = init_parallel(self.options.parallel, self.device, heads)
@@ -148,6 +141,22 @@ class Pipeline:
         # The tiny VAE (decoder="taew2_1", and previews when given): 40 MB in fp32, resident.
         self.tae = self._load_tae()
 
+    def _is_causal(self) -> bool:
+        """A causal DiT (Self-Forcing, CausVid): ``causal=True``, or detected from the
+        transformer file's keys (``pthstore.CAUSAL_WRAPPERS``) when ``causal`` is None."""
+        o = self.options
+        if o.causal is not None:
+            causal = o.causal
+        else:
+            file = self.source.files.get("transformer")
+            causal = file is not None and is_causal_checkpoint(file)
+        if causal and (o.parallel is not None or o.compile or o.cache != "off" or self.preset):
+            raise ValueError(
+                "a causal model runs in one process, without compile, step caches or presets "
+                "(its KV cache replaces them)"
+            )
+        return causal
+
     def _needed(self) -> tuple[str, ...]:
         """The weight sets this process reads: under ``parallel`` only rank 0 encodes and
         decodes (and broadcasts the results); every rank runs the DiT."""
@@ -179,6 +188,7 @@ class Pipeline:
             held,
             t5_quant=self.components["text_encoder"].quant,
             vae_bytes=self.components["vae"].dtype.itemsize,
+            dtype=self.dtype,
         )
         if self.components["transformer"].packable and self.options.linear == "auto":
             _, f, h, w = size.latent_shape
@@ -269,19 +279,28 @@ class Pipeline:
         self.stats = {"cfg_batched": batched, "cfg_steps": cfg_steps}
         # The time embeddings of the whole schedule, once: [steps, D] and [steps, 6, D] fp32.
         e, e0 = dit.time_embeddings(timesteps.to(self.device, torch.float32), len(timesteps))
-        for i in range(num_steps):
-            x = latents.to(self.dtype)
-            temb = (e[i : i + 1], e0[i : i + 1])
-            last = i == num_steps - 1
+        branches.set_schedule(e)
+        windows = self._windows(latents.shape[2], par)
+
+        def guided(x, i: int, temb, last: bool) -> torch.Tensor:  # CFG'd flow for latents x
             if i >= cfg_steps:
-                pred = branches.run("cond", x, temb, last)
-            elif batched:
+                return branches.run("cond", x, temb, last)
+            if batched:
                 cond, uncond = branches.run("both", x.expand(2, -1, -1, -1, -1), temb, last)
-                pred = uncond + guidance_scale * (cond - uncond)
             else:
                 cond = branches.run("cond", x, temb, last)
                 uncond = branches.run("uncond", x, temb, last)
-                pred = uncond + guidance_scale * (cond - uncond)
+            return uncond + guidance_scale * (cond - uncond)
+
+        for i in range(num_steps):
+            branches.step = i
+            x = latents.to(self.dtype)
+            temb = (e[i : i + 1], e0[i : i + 1])
+            last = i == num_steps - 1
+            if windows is None:
+                pred = guided(x, i, temb, last)
+            else:  # each window's slice alone (window-local RoPE), blended: runtime.windows
+                pred = windows.predict(lambda xw: guided(xw, i, temb, last), x, i)  # noqa: B023
             v = pred.float()
             if preview is not None and preview.due(i):  # x0 = x - sigma * v, [1, 16, T', h, w]
                 preview(i, to_x0(latents, v, sampler.sigmas[i].item()))
@@ -290,6 +309,20 @@ class Pipeline:
         self.stats |= branches.counts()
         if par is not None:
             self.stats |= {"parallel": par.describe(), "comm_bytes": par.sent - sent}
+
+    def _windows(self, latent_frames: int, par) -> ContextWindows | None:
+        """The context windows of a video of ``latent_frames`` (None: one piece).  Step caches
+        compare one input with the last, and a window's input is not the last window's; the
+        sequence-parallel hook is untried on windows: both are errors with windows on."""
+        windows = ContextWindows.from_options(self.options, self.cfg.vae.temporal_stride)
+        if windows is None or not windows.applies(latent_frames):
+            return None
+        if self.options.cache != "off" or par is not None:
+            what = "cache" if self.options.cache != "off" else "parallel"
+            msg = f"{what} does not work with context windows (videos over context_frames); "
+            raise ParamError(msg + "set context_frames=0 or a larger one", what)
+        self.stats["context_windows"] = (windows.size, windows.overlap)
+        return windows
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, place: planner.Placement) -> Iterator[torch.Tensor]:
@@ -326,28 +359,36 @@ class Pipeline:
         on_decode: Callable[[int, int], None] | None = None,
         progress: bool = True,
         output_type: str = "frames",
-        save_to: str | Path | None = None,
+        save_to: str | os.PathLike | None = None,
         preview_every: int = 0,
         on_preview: PreviewCallback | None = None,
     ) -> Video:
-        """Generate a video.  Parameters and ranges are the hosted API's (``wanlite.params``);
+        """Generate a video.  Parameters and ranges are the hosted API's (``wanlite.params``;
+        wider with ``limits="model"``: Options); a bad one raises ``ParamError``.
         ``num_inference_steps`` and ``guidance_scale`` default to 30 and 5.0, or to the preset's.
 
         ``callback(step, total, latents)`` runs after every denoising step; raising
         :class:`Cancelled` (or any exception) from it stops the generation.
         ``on_decode(frames_done, num_frames)`` runs after every decoded chunk (1 or 4 frames);
-        raising from it stops the decode there.  ``output_type="latent"``: no decoding.
-        ``save_to="out.mp4"`` streams the decoded frames to an MP4 as they are decoded
-        (``video.frames`` is then empty and ``video.path`` names the file).
+        raising from it stops the decode there.  ``output_type``: what ``video.frames`` holds,
+        "frames" (uint8 [F, H, W, 3]), "np", "pt", "pil" as diffusers, or "latent" (no
+        decoding); see the module docstring.  ``save_to="out.mp4"`` (or a ``Path``) streams
+        the decoded frames to an MP4 as they are decoded (``video.frames`` is then empty and
+        ``video.path`` names the file).
         ``on_preview(step, total, frames)`` with ``preview_every=k`` gets, every k steps, the
         step's x0 prediction as uint8 frames [T, height, width, 3] (``wanlite.preview``: the
         tiny VAE's frames if one is loaded, else one frame per latent frame)."""
         request = dict(prompt=prompt, height=height, width=width, negative_prompt=negative_prompt)
+        if self.causal:  # chunk by chunk (``stream``), returned in one piece
+            if callback is not None or on_preview is not None:
+                raise ValueError("a causal model takes no step callback or previews: use stream()")
+            kw = request | dict(num_inference_steps=num_inference_steps, seed=seed)
+            kw |= dict(guidance_scale=guidance_scale)
+            return self._generate_causal(kw, num_frames, output_type, save_to, on_decode, progress)
         request |= dict(num_inference_steps=num_inference_steps, num_frames=num_frames)
         p, seed, sampler = self.request(**request, guidance_scale=guidance_scale, seed=seed)
         progress = progress and (self.parallel is None or self.parallel.main)  # one bar
-        if output_type not in ("frames", "latent"):
-            raise ValueError(f"output_type must be 'frames' or 'latent', got {output_type!r}")
+        check_output(output_type, save_to)
         size = Plan.for_request(p, self.cfg)
         previewer = self._previewer(p, size, preview_every, on_preview)
         place = self.placement = self.place(size, p)
@@ -356,20 +397,154 @@ class Pipeline:
             with run.phase("encode"):
                 contexts, lengths = self._encode_phase(p, place)
             with run.phase("denoise"):
-                latents = initial_noise(size.latent_shape, seed)
+                latents = sampler.initial(initial_noise(size.latent_shape, seed))
                 latents = self._denoise_phase(
                     p, latents, contexts, lengths, place, sampler, callback, progress, previewer
                 )
             empty = np.zeros((0, p.height, p.width, 3), np.uint8)
             video = Video(empty, seed, params=p.to_dict(), latents=latents)
-            if output_type == "frames":
+            video.metadata = made_by(p.to_dict(), seed, model_label(self.source))
+            if output_type != "latent":
+                floats = output_type in ("np", "pt")  # from the decoder's floats, not bytes
                 with run.phase("decode"):
                     if self.parallel is None or self.parallel.main:
-                        self._decode_phase(video, latents, size, p, place, save_to, on_decode)
+                        self._decode_phase(
+                            video, latents, size, p, place, save_to, on_decode, floats, progress
+                        )
                     if self.parallel is not None:  # rank 0 decoded (and wrote): share that
                         self._share_video(video, save_to is not None)
+                if save_to is None:
+                    video.frames = as_output(video.frames, output_type)
         finally:
             self._settle(place)
+        return run.finish(video)
+
+    # -- causal models (Self-Forcing, CausVid): chunk by chunk, with a KV cache -------------
+    def stream(
+        self,
+        prompt: str,
+        height: int = 480,
+        width: int = 640,
+        num_frames: int = 81,
+        seed: int | None = None,
+        negative_prompt: str = " ",
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        *,
+        progress: bool = True,
+    ) -> Iterator[np.ndarray]:
+        """A causal model's video as it is made: uint8 frames [f, height, width, 3], one chunk
+        at a time, each as soon as it is denoised and decoded (``wanlite.causal``).  The causal
+        VAE keeps its cache between chunks, so the frames equal ``generate()``'s.  Parameters
+        as ``generate``'s, except ``num_frames``: up to ``self.max_stream_frames`` (memory stays
+        flat past ``kv_window`` latent frames); ``num_inference_steps`` 1-4 (default 4) and
+        ``guidance_scale`` 1 (the models are distilled without CFG); ``negative_prompt`` is
+        unused.  ``video.seed`` of ``generate`` is ``self.last_seed`` here."""
+        kw = dict(prompt=prompt, height=height, width=width, negative_prompt=negative_prompt)
+        kw |= dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        p, seed, steps = self._causal_request(
+            kw | {"seed": seed}, num_frames, self.max_stream_frames
+        )
+        return self._stream(p, seed, steps, progress, to_uint8)
+
+    @property
+    def max_stream_frames(self) -> int:
+        """The longest ``stream()``: RoPE's positions (``rope_max_seq_len`` latent frames)."""
+        return 1 + self.cfg.vae.temporal_stride * (self.cfg.dit.rope_max_seq_len - 1)
+
+    def _causal_request(self, kw: dict, num_frames, max_frames: int):
+        if not self.causal:
+            raise ValueError(
+                "stream() needs a causal checkpoint (Self-Forcing, CausVid: pass its .pt as "
+                "transformer=, or causal=True)"
+            )
+        steps, guidance = kw.pop("num_inference_steps"), kw.pop("guidance_scale")
+        kw |= dict(
+            num_inference_steps=steps or 1, guidance_scale=1.0 if guidance is None else guidance
+        )
+        p = validate(**kw, num_frames=1, limits=self.options.limits)  # all but the frames
+        bad = isinstance(num_frames, bool) or not isinstance(num_frames, int)
+        if bad or not 1 <= num_frames <= max_frames:
+            msg = f"num_frames must be an integer in [1, {max_frames}], got {num_frames!r}"
+            raise ParamError(msg, "num_frames")
+        n_steps = len(SELF_FORCING.timesteps)
+        if steps is not None and not 1 <= steps <= n_steps:
+            msg = f"num_inference_steps must be in [1, {n_steps}] for a causal model"
+            raise ParamError(msg, "num_inference_steps")
+        if guidance is not None and guidance > 1:
+            msg = "guidance_scale must be <= 1: causal models are distilled without CFG"
+            raise ParamError(msg, "guidance_scale")
+        seed = p.seed if p.seed is not None else secrets.randbelow(2**32)
+        p = dataclasses.replace(p, num_frames=num_frames, seed=seed, guidance_scale=1.0)
+        p = dataclasses.replace(p, num_inference_steps=steps or n_steps)
+        return p, seed, p.num_inference_steps
+
+    def _stream(self, p: GenerationParams, seed: int, steps: int, progress: bool, host):
+        """The chunks of a causal video (``host``: ``to_uint8``, ``to_float``, or None for
+        the x0 latents themselves), cropped and trimmed to the request."""
+        size = Plan.for_request(p, self.cfg)
+        c, f, h, w = size.latent_shape
+        frames = len(SELF_FORCING.chunks(f)) * SELF_FORCING.chunk_frames
+        gen = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn((1, c, frames, h, w), generator=gen, dtype=torch.float32)
+        place = self.placement = self.place(size, p)
+        self.last_seed = seed
+        try:
+            contexts, lengths = self._encode_phase(p, place)
+            dit = self._acquire("transformer", place)
+            text = dit.prepare_text(contexts, lengths)
+            decode = self._chunk_decoder(place)
+            top, left = (size.height - p.height) // 2, (size.width - p.width) // 2
+            o, done = self.options, 0
+            with tqdm(total=p.num_frames, desc="stream", unit="frame", disable=not progress) as bar:
+                for x0 in causal_chunks(
+                    dit, text, noise, gen, SELF_FORCING, steps, o.kv_window, o.kv_sink
+                ):
+                    if host is None:  # output_type "latent": no decoding
+                        yield x0
+                        continue
+                    out = host(decode(x0))[:, top : top + p.height, left : left + p.width]
+                    out = np.ascontiguousarray(out[: p.num_frames - done])
+                    done += len(out)
+                    bar.update(len(out))
+                    if len(out):
+                        yield out
+        finally:
+            self._settle(place)
+
+    def _chunk_decoder(self, place: planner.Placement) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Latent chunks [1, C, n, h, w] -> their frames [1, 3, m, H, W] in [-1, 1], keeping the
+        decoder's causal state between chunks (the frames of one whole decode)."""
+        if self.options.decoder == "taew2_1":
+            tae = self.tae.stream()
+            return lambda z: tae(z.to(self.device)) * 2 - 1  # [0, 1] -> [-1, 1]
+        vcfg = self.cfg.vae
+        mean = torch.tensor(vcfg.latents_mean).view(1, -1, 1, 1, 1)
+        inv_std = 1.0 / torch.tensor(vcfg.latents_std).view(1, -1, 1, 1, 1)
+        vae = StreamDecoder(self._acquire("vae", place))  # the op order of ``decode``
+        return lambda z: vae((z.float().cpu() / inv_std + mean).to(self.device))
+
+    def _generate_causal(self, kw: dict, num_frames, output_type, save_to, on_decode, progress):
+        """``generate()`` on a causal model: the streamed chunks in one piece."""
+        limit = next(f.maximum for f in fields(self.options.limits) if f.name == "num_frames")
+        p, seed, steps = self._causal_request(kw, num_frames, limit)
+        check_output(output_type, save_to)
+        host = {"latent": None, "np": to_float, "pt": to_float}.get(output_type, to_uint8)
+        run = _Run(self)
+        empty = np.zeros((0, p.height, p.width, 3), np.uint8)
+        video = Video(empty, seed, params=p.to_dict())
+        video.metadata = made_by(p.to_dict(), seed, model_label(self.source))
+        with run.phase("denoise"):  # encode, denoise and decode interleave chunk by chunk
+            chunks = self._stream(p, seed, steps, progress, host)
+            if on_decode is not None:
+                chunks = counted(chunks, p.num_frames, on_decode)
+            if host is None:
+                video.latents = torch.cat(list(chunks), dim=2)
+            elif save_to is not None:
+                h, w, meta = p.height, p.width, video.metadata
+                video.path = write_mp4(save_to, chunks, h, w, video.fps, meta)
+            else:
+                video.frames = as_output(np.concatenate(list(chunks)), output_type)
         return run.finish(video)
 
     def _encode_phase(self, p: GenerationParams, place: planner.Placement):
@@ -398,17 +573,20 @@ class Pipeline:
         steps, guidance = request_defaults(
             self.options.preset, kw.pop("num_inference_steps"), kw.pop("guidance_scale")
         )
-        p = validate(**kw, num_inference_steps=steps, guidance_scale=guidance)
+        p = validate(
+            **kw, num_inference_steps=steps, guidance_scale=guidance, limits=self.options.limits
+        )
         o = self.options
-        if self.preset is not None:
-            sampler = self.preset.make_sampler(self.cfg.scheduler, p.num_inference_steps, o.shift)
+        seed = p.seed if p.seed is not None else secrets.randbelow(2**32)
+        if self.parallel is not None:  # one seed on every rank: rank 0's draw
+            seed = self.parallel.broadcast_object(seed)
+        if self.preset is not None:  # (few-step samplers re-noise from the seed's stream)
+            steps = p.num_inference_steps
+            sampler = self.preset.make_sampler(self.cfg.scheduler, steps, o.shift, seed)
         else:
             sampler = make_sampler(
                 o.sampler, self.cfg.scheduler, p.num_inference_steps, o.shift, o.timesteps
             )
-        seed = p.seed if p.seed is not None else secrets.randbelow(2**32)
-        if self.parallel is not None:  # one seed on every rank: rank 0's draw
-            seed = self.parallel.broadcast_object(seed)
         log.info(
             "generating %dx%d, %d frames, %d steps (%s), guidance %g, seed %d",
             *(p.width, p.height, p.num_frames, p.num_inference_steps, sampler.kind),
@@ -442,23 +620,39 @@ class Pipeline:
     def _load_tae(self):
         if not self.options.tae:
             return None
-        dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        # On CPU the full VAE's dtype (bf16 with a bf16 DiT, channels-last: models.taehv)
+        cpu = self.device.type == "cpu"
+        dtype = self.options.resolve_vae_dtype(self.dtype) if cpu else self.dtype
         return load_tiny_decoder(self.options.tae, self.device, dtype)
 
-    def _decode_phase(self, video, latents, size, p, place, save_to, on_decode) -> None:
-        chunks = self._iter_frames(latents, size, p, place, on_decode)
-        if save_to is None:
-            video.frames = np.concatenate(list(chunks))
-        else:  # frames go straight to the encoder; only one chunk is ever held
-            video.path = write_mp4(save_to, chunks, p.height, p.width, video.fps)
+    def _decode_phase(
+        self, video, latents, size, p, place, save_to, on_decode, floats=False, progress=False
+    ) -> None:
+        with tqdm(total=p.num_frames, desc="decode", unit="frame", disable=not progress) as bar:
+
+            def decoded(n: int, total: int) -> None:  # the bar, then the caller's callback
+                bar.update(n - bar.n)
+                if on_decode is not None:
+                    on_decode(n, total)
+
+            chunks = self._iter_frames(latents, size, p, place, decoded, floats)
+            if save_to is None:
+                video.frames = np.concatenate(list(chunks))
+            else:  # frames go straight to the encoder; only one chunk is ever held
+                h, w = p.height, p.width
+                video.path = write_mp4(save_to, chunks, h, w, video.fps, video.metadata)
         self._settle(place)
 
-    def _iter_frames(self, latents, size: Plan, p: GenerationParams, place, on_decode=None):
-        """uint8 frame chunks [n, height, width, 3], cropped and trimmed to the request."""
+    def _iter_frames(
+        self, latents, size: Plan, p: GenerationParams, place, on_decode=None, floats=False
+    ):
+        """uint8 (or, with ``floats``, float32 in [0, 1]) frame chunks [n, height, width, 3],
+        cropped and trimmed to the request."""
         top, left = (size.height - p.height) // 2, (size.width - p.width) // 2
+        host = to_float if floats else to_uint8
         n = 0
         for chunk in self.decode(latents, place):
-            frames = to_uint8(chunk)[:, top : top + p.height, left : left + p.width]
+            frames = host(chunk)[:, top : top + p.height, left : left + p.width]
             frames = frames[: p.num_frames - n]
             n += len(frames)
             if on_decode is not None:
@@ -493,90 +687,23 @@ class _Run:
         return video
 
 
-class Branches:
-    """The CFG branches of one generation: prepared text and a step-cache policy per branch.
-
-    "cond" and "uncond" run one prompt each; "both" runs them as one batch of 2.  Each is made
-    on first use (so sequential CFG never builds the batched text, and the other way round).
-    With ``nag`` (``wanlite.nag.NAG``), "cond" and row 0 of "both" get NAG against the negative
-    prompt (``contexts[1]``), whose text state (and so its per-block K/V) is prepared once and
-    shared by every branch, the unconditional one included."""
-
-    def __init__(
-        self,
-        dit,
-        contexts: torch.Tensor,
-        lengths: list[int],
-        cache: str,
-        threshold,
-        parallel=None,
-        nag: NAG | None = None,
-    ):
-        self.dit, self.contexts, self.lengths = dit, contexts, lengths
-        self.cache, self.threshold = cache, threshold
-        self.nag = nag
-        self.negative: TextState | None = None
-        # CFG-parallel (``wanlite.parallel``): "both" runs this rank's pass and gathers the pair.
-        self.parallel = parallel
-        self.split = parallel is not None and parallel.cfg == 2
-        self.state: dict[str, tuple] = {}
-        self.forwards = self.skipped = 0
-
-    def _make(self, name: str) -> tuple:
-        rows = {"cond": slice(0, 1), "uncond": slice(1, 2), "both": slice(0, 2)}[name]
-        if name == "both" and self.split:
-            rows = slice(self.parallel.cfg_rank, self.parallel.cfg_rank + 1)
-        if rows == slice(1, 2):
-            text = self._negative()
-        else:
-            text = self.dit.prepare_text(self.contexts[rows], self.lengths[rows])
-            if self.nag is not None and rows.start == 0:  # row 0 is the conditional one
-                text.nag = NagText(self.nag, self._negative())
-        make = stepcache.make if self.parallel is None else self.parallel.make_cache
-        return text, make(self.cache, self.threshold)
-
-    def _negative(self) -> TextState:
-        """The negative prompt's text state, made once (and its K/V once per block)."""
-        if self.negative is None:
-            self.negative = self.dit.prepare_text(self.contexts[1:2], self.lengths[1:2])
-        return self.negative
-
-    def run(self, name: str, x: torch.Tensor, temb, last: bool) -> torch.Tensor:
-        if name not in self.state:
-            self.state[name] = self._make(name)
-        text, cache = self.state[name]
-        width = 2 if name == "both" else 1  # branch forwards per call
-        self.forwards += width
-        split = name == "both" and self.split
-        if split:
-            x = x[self.parallel.cfg_rank : self.parallel.cfg_rank + 1]
-        if cache is None:
-            out = self.dit.step(x, temb, text)
-        else:
-            cache.last, skipped = last, cache.skipped
-            out = self.dit.step(x, temb, text, cache)
-            self.skipped += width * (cache.skipped - skipped)
-        return self.parallel.gather_cfg(out) if split else out
-
-    def counts(self) -> dict[str, int]:
-        """DiT forwards by branch (a batched pair counts 2), and how many the cache skipped."""
-        return {"dit_forwards": self.forwards, "dit_forwards_skipped": self.skipped}
-
-
 def load(
-    model: str | None = None,
+    model: str | os.PathLike | None = None,
     *,
-    transformer: str | Path | None = None,
-    text_encoder: str | Path | None = None,
-    vae: str | Path | None = None,
-    tokenizer: str | Path | None = None,
+    transformer: str | os.PathLike | None = None,
+    text_encoder: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
     **options,
 ) -> Pipeline:
     """Load a checkpoint: ``model`` a local diffusers-layout folder, hub id, or ``random:tiny``
     (default: the hub's 1.3B when no single file is given), and/or single files
     (``transformer``, ``text_encoder``, ``vae``: safetensors, GGUF or .pth in the formats of
-    ``wanlite.formats``) replacing those weight sets; ``tokenizer`` a folder with the umT5
-    tokenizer.json (needed when there is no ``model``)."""
+    ``wanlite.weights.formats``) replacing those weight sets; ``tokenizer`` a folder with the umT5
+    tokenizer.json (needed when there is no ``model``).  Paths may be ``str`` or
+    ``os.PathLike``; ``options`` are :class:`Options` fields (``dtype="bfloat16"`` or
+    ``dtype=torch.bfloat16``, ``limits="model"``, ...)."""
+    model = os.fspath(model) if model is not None else None
     files = dict(transformer=transformer, text_encoder=text_encoder, vae=vae)
     source = resolve_source(model, **files, tokenizer=tokenizer)
     return Pipeline(source, Options(**options))

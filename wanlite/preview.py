@@ -4,7 +4,7 @@ At step ``i`` the model's flow prediction ``v`` at ``x_i`` (sigma ``s_i``) gives
 video it currently aims at, ``x0 = x_i - s_i * v`` (``scheduler.to_x0``): a blurry then
 sharpening version of the final video.  It is turned into frames in one of two ways:
 
-* the tiny VAE (``wanlite.taehv``) when the pipeline has one: real frames, the request's size
+* the tiny VAE (``wanlite.models.taehv``) when the pipeline has one: real frames, the request's size
   and frame count, a few percent of a DiT step at full size;
 * else a fixed linear map from the 16 latent channels to RGB (a 16x3 matrix and a bias) at the
   latent resolution, upscaled: one frame per latent frame, nearly free.  The factors are

@@ -7,7 +7,12 @@ queue, results, sync generate, events), ``jobs.py`` (request body -> queued rows
 (signed result links), ``store.py`` (the SQLite job store: queue, statuses, crash recovery),
 ``worker.py`` (the one thread that owns the model, and the event broadcast for SSE),
 ``routes_openai.py`` + ``openai_video.py`` + ``thumbnail.py`` (OpenAI's ``/v1/videos``),
-``retention.py`` (deleting old finished jobs), ``cli.py`` (arguments, JSON logs, uvicorn).
+``retention.py`` (deleting old finished jobs), ``cli.py`` (arguments, JSON logs, uvicorn),
+``body.py`` (JSON and multipart bodies, bounded), ``protocol.py`` (request timeout and
+connection budgets), ``origin.py`` (``Host`` and ``Origin``), ``filesend.py`` (result files sent
+from one open handle), ``private.py`` (0700 folders, 0600 files), ``ints.py`` (ASCII-digit
+integers), ``redis_store.py`` + ``redis_scripts.py`` (the Redis job store), ``streaming.py``
+(a causal model's video served while it grows).
 
 Wiring into the ``wanlite`` command line::
 

@@ -47,6 +47,7 @@ from .context import ServerConfig, ServerContext
 from .errors import AsciiJSONResponse, install_error_handlers
 from .guard import Guard
 from .origin import OriginPolicy
+from .private import private_dir, private_files
 from .protocol import limit_accept_errors
 from .signing import Signer
 from .store import Store
@@ -85,7 +86,8 @@ PART_AGE = 86400.0  # a shared results folder's temp files this old are leftover
 
 
 def _open_store(c: ServerContext) -> Store:
-    c.results_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(c.results_dir)
+    private_files(c.results_dir, "*.mp4")  # results of an earlier version, made 0644
     shared = c.config.store != "sqlite"  # other processes may be writing their results now
     for part in c.results_dir.glob(".*.part"):  # temp files of a write cut by a crash
         if not shared or time.time() - part.stat().st_mtime > PART_AGE:
@@ -167,6 +169,7 @@ def create_app(config: ServerConfig, loader=None) -> FastAPI:
         signer=c.signer,
         hosts=config.allowed_hosts,
         origins=origins,
+        max_active=config.max_active,
     )
     install_error_handlers(app)
     for module in ROUTERS:

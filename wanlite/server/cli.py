@@ -26,7 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..options import Options, add_runtime_options, runtime_options
+from ..options import (
+    HelpFormatter,
+    Options,
+    add_logging_options,
+    add_runtime_options,
+    add_single_file_flags,
+    arg_group,
+    runtime_options,
+    single_files,
+)
 from ..params import MODEL_ID
 from ..paths import DEFAULT_MODEL
 
@@ -83,7 +92,9 @@ def _add_guard_options(p: argparse.ArgumentParser) -> None:
         "--limit-concurrency",
         type=int,
         default=100,
-        help="max open connections; more get 503 at once (default 100)",
+        help="at most N long-lived requests at once (event streams, downloads, sync calls; "
+        "more get 503), and N more connections still sending a request (when full, the one "
+        "waiting longest is closed); /health and /ready are always answered (default 100)",
     )
     p.add_argument(
         "--result-ttl",
@@ -130,13 +141,21 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_options(p) -> None:
-    """The model process's flags, shared by ``serve`` and ``worker``."""
+    """The model process's flags, shared by ``serve`` and ``worker``, in the sections of
+    ``wanlite generate``'s --help."""
+    arg_group(p, "request")  # --limits: first, as in generate
+    files = arg_group(p, "model and files")
+    files.add_argument(
+        "--model", default=DEFAULT_MODEL, help="local folder, hub id, or random:tiny"
+    )
+    add_single_file_flags(files)  # --transformer self_forcing.pt: a causal model that streams
     add_runtime_options(p)  # the same runtime flags as `wanlite generate`
-    p.add_argument(
+    arg_group(p, "speed").add_argument(
         "--threads", type=int, default=0, help="CPU threads for the model (default: torch's)"
     )
-    p.add_argument("--log-level", default="info", help="debug | info | warning | error")
-    p.add_argument(
+    output = arg_group(p, "output and logging")
+    add_logging_options(output)
+    output.add_argument(
         "--previews",
         type=int,
         nargs="?",
@@ -155,17 +174,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "serve",
         help="serve the hosted video API locally (sync, async queue, SSE)",
         description="Serve the hosted API's video endpoints from one local model.",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="local folder, hub id, or random:tiny")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument(
+    server = arg_group(p, "server")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    server.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    server.add_argument(
         "--data-dir",
         default="wanlite-data",
         help="folder for the job database and the MP4 results (default ./wanlite-data)",
     )
-    _add_store_options(p)
-    p.add_argument(
+    _add_store_options(arg_group(p, "job store"))
+    server.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -173,29 +193,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="model threads in this process: 1 (default), or 0 for the HTTP side alone "
         "(with --store redis://; jobs run in 'wanlite worker' processes)",
     )
-    p.add_argument(
+    server.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' (default: env WANLITE_API_KEY; unset = open)",
+        help="require 'Authorization: Bearer KEY'; prefer the environment variable "
+        "WANLITE_API_KEY, which other local users cannot read in 'ps' as they can this flag "
+        "(default: env WANLITE_API_KEY; unset = open)",
     )
-    p.add_argument(
+    server.add_argument(
         "--model-id",
         default=MODEL_ID,
         help=f"model id that clients send (default {MODEL_ID})",
     )
-    p.add_argument(
+    server.add_argument(
         "--max-queue",
         type=int,
         default=64,
         help="max generations waiting; more are refused with 429 (default 64)",
     )
-    p.add_argument(
+    server.add_argument(
         "--public-url",
         default=None,
         help="base of result URLs, e.g. behind a proxy; its host is also accepted as Host "
         "(default: the address the client connected to)",
     )
-    _add_guard_options(p)
+    _add_guard_options(arg_group(p, "connections and browsers"))
     _add_model_options(p)
     return p
 
@@ -235,7 +257,7 @@ def _check_redis(url: str) -> str | None:
     try:
         import redis
     except ImportError:
-        return "--store redis:// needs the redis package: pip install redis"
+        return "--store redis:// needs the redis package: pip install 'wanlite[redis]'"
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
         client.ping()
@@ -255,8 +277,9 @@ def _config(args: argparse.Namespace):
         data_dir=Path(args.data_dir),
         api_key=args.api_key or os.environ.get("WANLITE_API_KEY") or None,
         max_queue=args.max_queue,
+        max_active=args.limit_concurrency,
         public_url=args.public_url,
-        options=runtime_options(args),
+        options=runtime_options(args) | single_files(args),
         threads=args.threads,
         allowed_hosts=allowed_hosts(args.host, args.port, args.public_url),
         allowed_origins=tuple(args.allow_origin),
@@ -274,6 +297,7 @@ def _config(args: argparse.Namespace):
 def _check_data_dir(data_dir: Path, results: Path | None = None, lock: bool = True) -> str | None:
     """The error of a data dir or results folder that is busy or not writable, in one line.
     ``lock``: SQLite's one-server-per-data-dir lock (not taken with Redis)."""
+    from .private import private_dir
     from .store import lock_data_dir
 
     results = results or data_dir / "results"
@@ -281,7 +305,9 @@ def _check_data_dir(data_dir: Path, results: Path | None = None, lock: bool = Tr
     folders["results folder"] = results
     what = "data dir" if lock and results == data_dir / "results" else "results folder"
     try:
-        results.mkdir(parents=True, exist_ok=True)
+        if lock or results == data_dir / "results":
+            private_dir(data_dir)  # 0700: prompts and videos are not for other local users
+        private_dir(results)
         if lock:
             lock_data_dir(data_dir).close()
         for name, folder in folders.items():  # the lock file may be there already
@@ -304,7 +330,10 @@ def _log_start(args: argparse.Namespace, config) -> None:
         "data_dir": str(config.data_dir.resolve()),
         "auth": config.api_key is not None,
     }
-    logging.getLogger("wanlite.server").info("starting", extra={"fields": fields})
+    log = logging.getLogger("wanlite.server")
+    log.info("starting", extra={"fields": fields})
+    if args.api_key:
+        log.warning("--api-key shows in 'ps' to every local user: prefer env WANLITE_API_KEY")
 
 
 def _serve(args: argparse.Namespace, config) -> int:
@@ -377,16 +406,17 @@ def add_worker_parser(subparsers) -> argparse.ArgumentParser:
         description="Run the jobs queued in a Redis store by 'wanlite serve --store redis://...' "
         "processes: any number of workers, on any machines that reach the Redis and the "
         "results folder.",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="local folder, hub id, or random:tiny")
-    p.add_argument(
+    store = arg_group(p, "job store")
+    store.add_argument(
         "--data-dir",
         default="wanlite-data",
         help="folder whose results/ holds the MP4s unless --results is given "
         "(default ./wanlite-data)",
     )
-    _add_store_options(p)
-    p.add_argument(
+    _add_store_options(store)
+    store.add_argument(
         "--name", default=None, help="this worker's consumer name in Redis (default: random)"
     )
     _add_model_options(p)
@@ -423,7 +453,7 @@ def run_worker(args: argparse.Namespace) -> int:
     store = RedisStore(
         args.store, consumer=name, claim_timeout=args.claim_timeout, max_attempts=args.max_attempts
     )
-    options = runtime_options(args)
+    options = runtime_options(args) | single_files(args)
 
     def loader():
         return load_model(args.model, options, args.threads)

@@ -30,6 +30,7 @@ from wanlite.paths import DEFAULT_MODEL
 
 from .signing import Signer
 from .store import Store
+from .streaming import live_name, stream_path
 from .worker import EventHub, JobControl, result_path
 
 
@@ -41,8 +42,9 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 64  # generations waiting (not counting the running one)
     max_body: int = 64 * 1024
+    max_active: int = 100  # long-lived requests (SSE, downloads, sync calls) at once
     public_url: str | None = None  # base of result URLs; default: the address connected to
-    options: dict = field(default_factory=dict)  # wanlite.Options fields for wanlite.load
+    options: dict = field(default_factory=dict)  # wanlite.load keywords: Options, single files
     threads: int = 0  # torch intra-op threads for the model; 0 = torch's default
     allowed_hosts: tuple[str, ...] | None = None  # Host values served (host:port); None = any
     allowed_origins: tuple[str, ...] = ()  # cross-site origins allowed, with CORS headers
@@ -54,6 +56,12 @@ class ServerConfig:
     workers: int = 1  # model threads in this process: 1, or 0 (HTTP only; needs Redis)
     claim_timeout: float = 30.0  # Redis: a job whose worker is silent this long is taken over
     max_attempts: int = 3  # Redis: deliveries of a job before it ends failed
+
+    @property
+    def limits(self) -> str:
+        """The request ranges served: "hosted" (the hosted schema, the default) or "model"
+        (``--limits model``: wider sizes and frame counts; ``wanlite.params.LIMITS``)."""
+        return self.options.get("limits") or "hosted"
 
 
 @dataclass
@@ -84,9 +92,16 @@ class ServerContext:
         if self.hub is not None:
             self.hub.close()
 
-    def result_url(self, base: str, gen_id: str) -> str:
-        url = base + result_path(gen_id)
+    def result_url(self, base: str, gen_id: str, path: str | None = None) -> str:
+        """The absolute link to ``path`` (default: ``gen_id``'s result), signed with a key."""
+        url = base + (path or result_path(gen_id))
         return f"{url}?{self.signer.query(gen_id)}" if self.config.api_key else url
+
+    def stream_url(self, base: str, row: dict[str, Any]) -> str | None:
+        """The link to a running causal job's growing video, once its file exists."""
+        if row["status"] != "processing" or not (self.results_dir / live_name(row["id"])).exists():
+            return None
+        return self.result_url(base, row["id"], stream_path(row["id"]))
 
 
 def ctx(request: Request) -> ServerContext:
@@ -109,6 +124,7 @@ def render(c: ServerContext, row: dict[str, Any], base: str) -> dict[str, Any]:
         "media_type": "video",
         "status": row["status"],
         "result_url": c.result_url(base, row["id"]) if ok else None,
+        "stream_url": c.stream_url(base, row),
         "error_message": row["error_message"],
         "progress": {"step": row["step"], "total": row["total_steps"]},
         "seed": row["seed"],

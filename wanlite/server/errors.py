@@ -19,6 +19,7 @@ the second line, for rows stored before that check and for error messages quotin
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from fastapi import FastAPI
@@ -26,6 +27,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+
+log = logging.getLogger("wanlite.server")
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -84,7 +87,21 @@ async def _validation_error(request, exc: RequestValidationError):
     return error_response(400, f"{where}: {ascii(e['msg'])[1:-1]}", "invalid_request_error")
 
 
+async def _store_unreachable(request, exc: Exception):
+    """Redis down, or too slow to answer: a 503 to retry, not a 500 with a traceback."""
+    log.warning("job store unreachable", extra={"fields": {"error": type(exc).__name__}})
+    msg = "the job store is unreachable: retry later"
+    return error_response(503, msg, "server_error", {"Retry-After": "5"})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    try:
+        from redis.exceptions import ConnectionError as RedisDown
+        from redis.exceptions import TimeoutError as RedisSlow
+    except ImportError:  # no Redis store possible
+        return
+    app.add_exception_handler(RedisDown, _store_unreachable)
+    app.add_exception_handler(RedisSlow, _store_unreachable)

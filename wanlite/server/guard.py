@@ -8,6 +8,13 @@ Design
   (``/health`` and ``/ready`` stay open; a result URL may instead carry its signature), then
   a bound on the request body (413 before the app reads anything: the body is read here,
   counted, and replayed to the app).
+* Long-lived requests (SSE, downloads, the sync call: ``guard_paths.LONG_RE``) are at most
+  ``max_active`` at once (``--limit-concurrency``; more get a JSON 503 with ``Retry-After``),
+  counted after the key check, so they cannot starve ``/health``, ``/ready`` or the short API
+  calls, and a client without the key holds nothing.  Connections still sending a request
+  have their own budget (:mod:`wanlite.server.protocol`).
+* Every response gets ``X-Content-Type-Options: nosniff`` and, unless the route set its own,
+  ``Cache-Control: no-store`` (prompts, ids and videos stay out of shared caches).
 * It also catches what the app did not handle: the client gets the JSON 500 of every other
   error, the log gets the traceback, and the access log line (one per request) always has the
   status actually sent.
@@ -23,18 +30,27 @@ import time
 from starlette.responses import Response
 
 from .errors import error_response
-from .guard_paths import OPEN_PATHS, RESULT_RE
+from .guard_paths import LONG_RE, OPEN_PATHS, RESULT_RE, STREAM_RE
 from .origin import OriginPolicy, host_ok
 
 log = logging.getLogger("wanlite.server")
 NO_KEY = "missing or invalid API key: send 'Authorization: Bearer <key>'"
 EXPIRED = "result link expired: get the generation again for a fresh link"
+BUSY = "too many long-lived requests (event streams, downloads, sync calls): retry later"
+SAFE_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"))
+
+
+def _safe_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` plus nosniff and no-store, unless the response set those headers itself."""
+    names = {name.lower() for name, _ in headers}
+    return [*headers, *((n, v) for n, v in SAFE_HEADERS if n not in names)]
 
 
 class Guard:
-    def __init__(self, app, *, api_key, max_body, signer, hosts=None, origins=None):
+    def __init__(self, app, *, api_key, max_body, signer, hosts=None, origins=None, max_active=100):
         self.app, self.api_key, self.max_body, self.signer = app, api_key, max_body, signer
         self.hosts, self.origins = hosts, origins or OriginPolicy((), None)
+        self.max_active, self.active = max_active, 0  # long-lived requests running (one loop)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -44,6 +60,7 @@ class Guard:
         async def send_(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                message = {**message, "headers": _safe_headers(list(message.get("headers", [])))}
             await send(message)
 
         try:
@@ -75,7 +92,7 @@ class Guard:
             token.strip().encode("latin-1"), self.api_key.encode()
         ):
             return True
-        m = RESULT_RE.match(scope["path"])
+        m = RESULT_RE.match(scope["path"]) or STREAM_RE.match(scope["path"])
         if not m:
             return False
         verdict = self.signer.verify(m.group(1), scope["query_string"])  # a signed result URL
@@ -107,27 +124,43 @@ class Guard:
             send = _with_headers(send, OriginPolicy.cors_headers(cors))
         if refusal is not None:
             return await refusal(scope, receive, send)
-        too_big = f"request body too large: the limit is {self.max_body} bytes"
         length = headers.get(b"content-length")
         if length is not None:
-            if not length.isdigit():
+            if not length.isdigit() or len(length) > 19:  # bytes.isdigit: ASCII digits only
                 resp = error_response(400, "invalid Content-Length header", "invalid_request_error")
                 return await resp(scope, receive, send)
             if int(length) > self.max_body:
-                return await error_response(413, too_big, "request_too_large")(scope, receive, send)
+                return await self._too_big()(scope, receive, send)
+        if LONG_RE.match(scope["path"]):
+            if self.active >= self.max_active:
+                busy = error_response(503, BUSY, "server_busy", {"Retry-After": "5"})
+                return await busy(scope, receive, send)
+            self.active += 1
+            try:
+                return await self._app(scope, receive, send)
+            finally:
+                self.active -= 1
+        return await self._app(scope, receive, send)
+
+    async def _app(self, scope, receive, send):
+        """The app, with the body read and bounded first for methods that carry one."""
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         body = await self._read(receive)
         if body is None:
             return  # the client went away
         if len(body) > self.max_body:
-            return await error_response(413, too_big, "request_too_large")(scope, receive, send)
+            return await self._too_big()(scope, receive, send)
         replay = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def receive_():
             return replay.pop() if replay else await receive()
 
         await self.app(scope, receive_, send)
+
+    def _too_big(self):
+        msg = f"request body too large: the limit is {self.max_body} bytes"
+        return error_response(413, msg, "request_too_large")
 
     async def _read(self, receive) -> bytes | None:
         """The whole body, or None if the client left; stops reading past the bound."""

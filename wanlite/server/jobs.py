@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from wanlite.params import validate
+from wanlite.params import FIELDS_BY_NAME, ParamError, validate
 
 from .context import ServerContext, ctx
 from .errors import ApiError
@@ -43,12 +43,28 @@ def _pop_extras(c: ServerContext, body: dict[str, Any], queue: bool) -> tuple[in
     return n, fmt
 
 
+def validated(body: dict[str, Any], limits: str = "hosted") -> dict[str, Any]:
+    """``wanlite.params.validate`` of ``body`` as a dict; ParamError (a ValueError) naming the
+    field, also for an integer too large for a float in a number field (``guidance_scale`` of
+    400 digits: JSON allows it, and ``float()`` raises OverflowError on it)."""
+    for name, value in body.items():
+        field = FIELDS_BY_NAME.get(name)
+        if field is None or field.type != "number" or not isinstance(value, int):
+            continue
+        try:
+            float(value)
+        except OverflowError:
+            msg = f"{name} must be {field.range_text()}, got an integer too large for a number"
+            raise ParamError(msg, name) from None
+    return validate(body, limits=limits).to_dict()
+
+
 def parse_request(c: ServerContext, body: dict[str, Any], queue: bool) -> tuple[dict, int, str]:
     """(validated params, num_generations, response_format) or ApiError 400."""
     body = dict(body)
     n, fmt = _pop_extras(c, body, queue)
     try:
-        params = validate(body).to_dict()
+        params = validated(body, c.config.limits)
     except ValueError as e:  # messages quote user text ASCII-escaped (wanlite.params)
         raise ApiError(400, str(e), param=getattr(e, "param", None)) from None
     return params, n, fmt

@@ -6,9 +6,10 @@ Design
 * ``size`` "WxH" is ``width`` x ``height``; ``seconds`` is frames at Wan2.1's 16 fps:
   ``num_frames = floor(seconds * 16 + 0.5) + 1`` (the +1: Wan's clips are 16k+1 frames long, so
   "5" is the model's usual 81 frames); both must land in the hosted schema's ranges (width
-  1-640, height 1-480, 1-120 frames: seconds 0 to 7.4), else a 400 naming ``size`` or
-  ``seconds``.  Absent, they are the hosted defaults (640x480, 81 frames = "5").  A Video's
-  ``seconds`` is always worked back from its frame count, so it says what was generated.
+  1-640, height 1-480, 1-120 frames: seconds 0 to 7.4; with ``--limits model`` 1-1280, 1-1280
+  and 1-1001 frames: seconds 0 to 62.5), else a 400 naming ``size`` or ``seconds``.  Absent,
+  they are the hosted defaults (640x480, 81 frames = "5").  A Video's ``seconds`` is always
+  worked back from its frame count, so it says what was generated.
 * The hosted schema's other fields (``negative_prompt``, ``num_inference_steps``,
   ``guidance_scale``, ``seed``, ``num_frames``, ``width``, ``height``) are accepted too;
   giving a field both ways (``seconds`` and ``num_frames``, ``size`` and ``width``) is a 400.
@@ -28,14 +29,15 @@ import math
 import re
 from typing import Any
 
-from wanlite.params import FIELDS_BY_NAME, validate
+from wanlite.params import FIELDS_BY_NAME, fields
 
 from .body import FormFile
 from .context import ServerContext, _ts
 from .errors import ApiError
+from .jobs import validated
 
 FPS = 16
-MAX_FRAMES = int(FIELDS_BY_NAME["num_frames"].maximum)
+MAX_FRAMES = int(FIELDS_BY_NAME["num_frames"].maximum)  # hosted; _frames() takes the limits
 MAX_SECONDS = (MAX_FRAMES - 1) / FPS  # 7.4375; floor(7.46 * 16 + 0.5) + 1 is still 120
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 _INT = re.compile(r"^\s*[+-]?\d{1,20}\s*$")
@@ -72,29 +74,31 @@ def _from_form(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _frames(seconds: Any) -> int:
+def _frames(seconds: Any, limits: str = "hosted") -> int:
+    max_frames = int(next(f for f in fields(limits) if f.name == "num_frames").maximum)
     shown = ascii(seconds) if isinstance(seconds, str) else repr(seconds)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."  # 400 digits say no more
     bad = _bad(
         "seconds",
-        f"seconds must be a number in [0, {MAX_SECONDS:g}] (frames = seconds*{FPS}+1, "
-        f"at most {MAX_FRAMES}), got {shown}",
+        f"seconds must be a number in [0, {(max_frames - 1) / FPS:g}] (frames = "
+        f"seconds*{FPS}+1, at most {max_frames}), got {shown}",
     )
     if isinstance(seconds, bool):
         raise bad
     try:
         value = float(seconds)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int of 400 digits
         raise bad from None
     if not math.isfinite(value) or value < 0:
         raise bad
     frames = math.floor(value * FPS + 0.5) + 1
-    if frames > MAX_FRAMES:
+    if frames > max_frames:
         raise bad
     return frames
 
 
-def _size(size: Any) -> tuple[int, int]:
-    w, h = FIELDS_BY_NAME["width"], FIELDS_BY_NAME["height"]
+def _size(size: Any, limits: str = "hosted") -> tuple[int, int]:
+    w, h = (next(f for f in fields(limits) if f.name == n) for n in ("width", "height"))
     m = _SIZE.match(size) if isinstance(size, str) else None
     width, height = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
     if not (w.minimum <= width <= w.maximum and h.minimum <= height <= h.maximum):
@@ -125,11 +129,11 @@ def create_params(c: ServerContext, body: dict[str, Any], is_form: bool) -> dict
     _either(body, "size", ("width", "height"))
     _either(body, "seconds", ("num_frames",))
     if "size" in body:
-        body["width"], body["height"] = _size(body.pop("size"))
+        body["width"], body["height"] = _size(body.pop("size"), c.config.limits)
     if "seconds" in body:
-        body["num_frames"] = _frames(body.pop("seconds"))
+        body["num_frames"] = _frames(body.pop("seconds"), c.config.limits)
     try:
-        return validate(body).to_dict()
+        return validated(body, c.config.limits)
     except ValueError as e:
         raise _bad(getattr(e, "param", None), str(e)) from None
 

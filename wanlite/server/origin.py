@@ -38,10 +38,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _netloc(url: str) -> str:
-    """``host:port`` of an http(s) URL, the port made explicit, lower case."""
-    parts = urlsplit(url.strip().lower())
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+def _netloc(url: str) -> str | None:
+    """``host:port`` of an http(s) URL, the port made explicit, lower case; None when the URL
+    does not parse (``http://a:b``, ``http://localhost:8000.evil.example``: a bad port)."""
+    try:
+        parts = urlsplit(url.strip().lower())
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
     host = parts.hostname or ""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -51,7 +55,7 @@ def allowed_hosts(bind_host: str, port: int, public_url: str | None) -> tuple[st
     if not is_loopback(bind_host):
         return None
     hosts = [f"{name}:{port}" for name in LOOPBACK_NAMES]
-    if public_url:
+    if public_url and _netloc(public_url):
         hosts.append(_netloc(public_url))
     return tuple(hosts)
 
@@ -68,7 +72,7 @@ class OriginPolicy:
 
     def __init__(self, allowed_origins: tuple[str, ...], public_url: str | None):
         self.allowed = {o.strip().rstrip("/").lower() for o in allowed_origins}
-        self.same = {_netloc(public_url)} if public_url else set()
+        self.same = {_netloc(public_url)} - {None} if public_url else set()
 
     def check(self, scope, headers: dict[bytes, bytes]) -> tuple[bool, str | None]:
         """(allowed?, the origin to send CORS headers to, if any)."""
@@ -91,7 +95,7 @@ class OriginPolicy:
         host = headers.get(b"host", b"").decode("latin-1")
         here = _netloc(f"{scope.get('scheme', 'http')}://{host}") if host else None
         there = _netloc(origin)
-        return there == here or there in self.same
+        return there is not None and (there == here or there in self.same)
 
     @staticmethod
     def cors_headers(origin: str, preflight: bool = False) -> list[tuple[bytes, bytes]]:

@@ -18,7 +18,8 @@ Design
   then the job ends ``failed`` saying why.  Entries of jobs cancelled or deleted while queued
   are skipped and acknowledged when they come up.
 * Every state change that must be atomic (enqueue with the bound, claim, finish, cancel) is one
-  Lua script, so no two processes ever see a half-done change.
+  Lua script (:mod:`wanlite.server.redis_scripts`), so no two processes ever see a half-done
+  change.
 * A job has one owner: the hash's ``worker`` field.  :meth:`RedisStore.touch`, ``finish`` and
   ``requeue`` act only for that owner, so a worker that lost its claim (taken over after a
   long pause) can neither steal it back nor end a job another worker is running.
@@ -32,7 +33,16 @@ Design
   in the hashes (sync waits poll it, and SSE replays the last minute's completions).
 * Workers announce themselves in the hash ``wanlite:workers`` (consumer -> state, error, time)
   every couple of seconds; an HTTP-only process is ready when a fresh entry says ``ready``.
-* Durability is Redis's: with ``appendonly yes`` the queue survives a Redis restart.
+* Durability is Redis's: with ``appendonly yes`` the queue survives a Redis restart.  Without
+  it (or after ``FLUSHALL``) the stream and its group are gone: a worker whose read fails with
+  ``NOGROUP`` recreates the group (from the stream's start, so jobs queued meanwhile run), and
+  ``/ready`` says 503 while Redis cannot be reached or the group cannot be made
+  (:meth:`RedisStore.health`).
+* Poison is dropped, never retried or served: a stream entry without a job id is acknowledged
+  and deleted; a job hash that does not decode (not JSON, fields missing) is taken out of the
+  index and queue sets, and its entry dropped, with one log line each.  Listings skip it.
+* A deleted job leaves its ``seq`` (``wanlite:gone:<id>``, for a day), so an id cursor still
+  pages after its video is gone.
 """
 
 from __future__ import annotations
@@ -43,6 +53,8 @@ import time
 import uuid
 from typing import Any
 
+from . import redis_scripts as lua
+from .ints import ascii_uint
 from .store import STATUSES, TERMINAL, QueueFull
 
 log = logging.getLogger("wanlite.server")
@@ -52,105 +64,34 @@ EVENTS, WORKERS = P + "events", P + "workers"
 WORKER_FRESH = 10.0  # seconds a worker's announcement stays valid
 DIED = "its worker stopped responding {n} times (crashed or killed); giving up"
 
-_ENQUEUE = """
-if redis.call('SCARD', KEYS[1]) + #ARGV - 1 > tonumber(ARGV[1]) then
-  return -1
-end
-local seqs = {}
-for i = 2, #ARGV do
-  local row = cjson.decode(ARGV[i])
-  local seq = redis.call('INCR', KEYS[2])
-  row['seq'] = tostring(seq)
-  local flat = {}
-  for k, v in pairs(row) do flat[#flat + 1] = k; flat[#flat + 1] = v end
-  redis.call('HSET', KEYS[5] .. row['id'], unpack(flat))
-  redis.call('ZADD', KEYS[3], seq, row['id'])
-  redis.call('SADD', KEYS[1], row['id'])
-  redis.call('XADD', KEYS[4], '*', 'id', row['id'])
-  seqs[#seqs + 1] = seq
-end
-return seqs
-"""
-
-# KEYS: gen hash, queued set; ARGV: started_at, seed, consumer, entry id
-_CLAIM = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'processing', 'started_at', ARGV[1], 'seed', ARGV[2],
-           'step', '0', 'worker', ARGV[3], 'entry', ARGV[4])
-redis.call('SREM', KEYS[2], redis.call('HGET', KEYS[1], 'id'))
-return 1
-"""
-
-# KEYS: gen hash, finished zset, stream; ARGV: status, completed_at, result_file, error, metrics,
-# consumer (only its job is finished; '' = whoever runs it)
-_FINISH = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
-if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[6] then return 0 end
-local entry = redis.call('HGET', KEYS[1], 'entry')
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'completed_at', ARGV[2], 'result_file', ARGV[3],
-           'error_message', ARGV[4], 'metrics', ARGV[5])
-redis.call('ZADD', KEYS[2], ARGV[2], redis.call('HGET', KEYS[1], 'id'))
-if entry then
-  redis.call('XACK', KEYS[3], 'workers', entry)
-  redis.call('XDEL', KEYS[3], entry)
-end
-return 1
-"""
-
-# KEYS: gen hash, queued set, finished zset; ARGV: now
-_CANCEL = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
-if status == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancel_requested', '1',
-             'error_message', 'cancelled by request', 'completed_at', ARGV[1])
-  redis.call('SREM', KEYS[2], redis.call('HGET', KEYS[1], 'id'))
-  redis.call('ZADD', KEYS[3], ARGV[1], redis.call('HGET', KEYS[1], 'id'))
-  return 'cancelled'
-end
-if status == 'processing' then
-  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
-  return 'requested'
-end
-return 'terminal'
-"""
-
-# KEYS: gen hash, stream; ARGV: consumer
-_TOUCH = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
-if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
-local entry = redis.call('HGET', KEYS[1], 'entry')
-if not entry then return 0 end
-redis.call('XCLAIM', KEYS[2], 'workers', ARGV[1], 0, entry, 'JUSTID')
-return 1
-"""
-
-# KEYS: gen hash, queued set, stream; ARGV: consumer, seed ('' = pick again), idle ms
-_REQUEUE = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
-if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'queued', 'started_at', '', 'step', '0', 'seed', ARGV[2])
-redis.call('HDEL', KEYS[1], 'worker')
-redis.call('SADD', KEYS[2], redis.call('HGET', KEYS[1], 'id'))
-local entry = redis.call('HGET', KEYS[1], 'entry')
-if entry then
-  local p = redis.call('XPENDING', KEYS[3], 'workers', entry, entry, 1)
-  local n = 0
-  if p[1] then n = math.max(tonumber(p[1][4]) - 1, 0) end
-  redis.call('XCLAIM', KEYS[3], 'workers', ARGV[1], 0, entry, 'IDLE', ARGV[3], 'RETRYCOUNT', n,
-             'JUSTID')
-end
-return 1
-"""
-
 _INT = ("seq", "seed", "step", "total_steps")
 _FLOAT = ("enqueued_at", "started_at", "completed_at")
+_NEEDED = ("id", "model", "status", "params", "seq", "total_steps", "enqueued_at")
+GONE_TTL = 86400  # seconds a deleted id still works as a listing cursor
+HEALTH_CACHE = 1.0  # seconds a health verdict is reused (/ready may be polled hard)
+
+
+class BadRow(ValueError):
+    """A job hash that does not decode (poison: written by something else, or damaged)."""
 
 
 def _decode(h: dict[bytes, bytes]) -> dict[str, Any] | None:
     if not h:
         return None
+    try:
+        d = _fields(h)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError included
+        raise BadRow(f"{type(e).__name__}: {e}") from None
+    if d["status"] not in STATUSES or not isinstance(d["params"], dict):
+        raise BadRow(f"status {d['status']!r}, params {type(d['params']).__name__}")
+    return d
+
+
+def _fields(h: dict[bytes, bytes]) -> dict[str, Any]:
     d: dict[str, Any] = {k.decode(): v.decode() for k, v in h.items()}
+    missing = [k for k in _NEEDED if d.get(k, "") == ""]
+    if missing:
+        raise KeyError(", ".join(missing))
     for k in (*_INT, *_FLOAT, "result_file", "error_message", "metrics"):
         if d.get(k, "") == "":
             d[k] = None
@@ -164,6 +105,16 @@ def _decode(h: dict[bytes, bytes]) -> dict[str, Any] | None:
     return d
 
 
+def _redis():
+    """The redis package, or ImportError naming the extra that brings it."""
+    try:
+        import redis
+    except ImportError as e:
+        msg = "the Redis job store needs the redis package: pip install 'wanlite[redis]'"
+        raise ImportError(msg, name="redis") from e
+    return redis
+
+
 class RedisStore:
     """The :class:`~wanlite.server.store.Store` interface on Redis, plus :meth:`touch`,
     :meth:`poll`, events (:meth:`publish_event`), the worker registry, and a ``consumer`` name
@@ -172,26 +123,62 @@ class RedisStore:
     shared = True  # other processes use it too: poll for cancels, keep claims fresh
 
     def __init__(self, url: str, consumer: str | None = None, **kw: Any):
-        import redis
-
-        self.r = redis.Redis.from_url(url)
+        redis = _redis()
+        # a Redis that hangs is an error after a while, not a request held for ever (reads
+        # block for at most a second: claim_next's block_ms)
+        self.r = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=15)
+        self._health: tuple[float, str | None] = (-HEALTH_CACHE, None)
         self.consumer = consumer or f"worker-{uuid.uuid4().hex[:8]}"
         self.claim_timeout = float(kw.get("claim_timeout", 30.0))
         self.max_attempts = int(kw.get("max_attempts", 3))
-        self._enqueue = self.r.register_script(_ENQUEUE)
-        self._claim = self.r.register_script(_CLAIM)
-        self._finish = self.r.register_script(_FINISH)
-        self._cancel = self.r.register_script(_CANCEL)
-        self._touch = self.r.register_script(_TOUCH)
-        self._requeue = self.r.register_script(_REQUEUE)
+        self._enqueue = self.r.register_script(lua.ENQUEUE)
+        self._claim = self.r.register_script(lua.CLAIM)
+        self._finish = self.r.register_script(lua.FINISH)
+        self._cancel = self.r.register_script(lua.CANCEL)
+        self._touch = self.r.register_script(lua.TOUCH)
+        self._requeue = self.r.register_script(lua.REQUEUE)
+        self.ensure_group()
+
+    def close(self) -> None:
+        self.r.close()
+
+    def ensure_group(self) -> bool:
+        """Create the queue's stream and consumer group if missing; True if it was missing.
+        From id 0: entries added while the group was missing are delivered too."""
+        redis = _redis()
         try:
             self.r.xgroup_create(QUEUE, GROUP, id="0", mkstream=True)
         except redis.ResponseError as e:  # BUSYGROUP: it exists (another process made it)
             if "BUSYGROUP" not in str(e):
                 raise
+            return False
+        return True
 
-    def close(self) -> None:
-        self.r.close()
+    def _regroup(self) -> None:
+        """The group vanished under a read (FLUSHALL, a restart without persistence)."""
+        if self.ensure_group():
+            msg = "queue consumer group was missing (Redis flushed or restarted): recreated"
+            log.warning(msg, extra={"fields": {"consumer": self.consumer}})
+
+    @staticmethod
+    def unreachable(e: BaseException) -> bool:
+        """Whether ``e`` says Redis cannot be reached now (worth a line, not a traceback)."""
+        redis = _redis()
+        return isinstance(e, (redis.ConnectionError, redis.TimeoutError))
+
+    def health(self) -> str | None:
+        """Why the queue cannot be served now, or None; the group is recreated if missing.
+        Cached for :data:`HEALTH_CACHE` seconds."""
+        at, error = self._health
+        if time.monotonic() - at < HEALTH_CACHE:
+            return error
+        try:
+            self._regroup()
+            error = None
+        except Exception as e:  # noqa: BLE001 - any failure: not ready, and why
+            error = f"the job store is unreachable: {type(e).__name__}"
+        self._health = (time.monotonic(), error)
+        return error
 
     # -- lifecycle ---------------------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -224,20 +211,29 @@ class RedisStore:
             for row, seq in zip(rows, seqs, strict=True)
         ]
 
-    def _next_entry(self, block_ms: int) -> tuple[str, str, int] | None:
-        """(entry id, generation id, deliveries): a dead worker's entry first, else a new one."""
-        _, claimed, _ = self.r.xautoclaim(
-            QUEUE, GROUP, self.consumer, int(self.claim_timeout * 1000), "0-0", count=1
-        )
-        if claimed:
-            entry, fields = claimed[0]
-            info = self.r.xpending_range(QUEUE, GROUP, entry, entry, 1)
-            return entry.decode(), fields[b"id"].decode(), info[0]["times_delivered"]
-        got = self.r.xreadgroup(GROUP, self.consumer, {QUEUE: ">"}, count=1, block=block_ms)
-        if not got:
+    def _next_entry(self, block_ms: int) -> tuple[str, str | None, int] | None:
+        """(entry id, generation id or None if the entry has none, deliveries): a dead
+        worker's entry first, else a new one."""
+        try:
+            _, claimed, *_ = self.r.xautoclaim(
+                QUEUE, GROUP, self.consumer, int(self.claim_timeout * 1000), "0-0", count=1
+            )
+            if claimed:
+                entry, fields = claimed[0]
+                info = self.r.xpending_range(QUEUE, GROUP, entry, entry, 1)
+                deliveries = info[0]["times_delivered"] if info else 1
+            else:
+                got = self.r.xreadgroup(GROUP, self.consumer, {QUEUE: ">"}, count=1, block=block_ms)
+                if not got:
+                    return None
+                (entry, fields), deliveries = got[0][1][0], 1
+        except _redis().ResponseError as e:  # the stream or group went (FLUSHALL) before or
+            if not str(e).startswith(("NOGROUP", "UNBLOCKED")):  # while this read blocked
+                raise
+            self._regroup()
             return None
-        entry, fields = got[0][1][0]
-        return entry.decode(), fields[b"id"].decode(), 1
+        gen_id = (fields or {}).get(b"id")
+        return entry.decode(), gen_id.decode("utf-8", "replace") if gen_id else None, deliveries
 
     def _drop(self, entry: str) -> None:
         self.r.xack(QUEUE, GROUP, entry)
@@ -247,6 +243,11 @@ class RedisStore:
         """The next job for this worker (None if none within ``block_ms``); entries of jobs
         cancelled or deleted while queued, or failed for too many attempts, are passed over."""
         while (got := self._next_entry(block_ms)) is not None:
+            if got[1] is None:  # poison: nothing to run
+                fields = {"entry": got[0]}
+                log.warning("queue entry without a job id dropped", extra={"fields": fields})
+                self._drop(got[0])
+                continue
             row = self._take(*got, pick_seed)
             if row is not None:
                 return row
@@ -340,6 +341,7 @@ class RedisStore:
             for key in ("index", "finished"):
                 pipe.zrem(P + key, gen_id)
             pipe.srem(P + "queued", gen_id)
+            pipe.set(P + "gone:" + gen_id, row["seq"], ex=GONE_TTL)  # for id cursors
             pipe.execute()
         return row
 
@@ -349,7 +351,31 @@ class RedisStore:
 
     # -- queries -----------------------------------------------------------------------------
     def get(self, gen_id: str) -> dict[str, Any] | None:
-        return _decode(self.r.hgetall(P + "gen:" + gen_id))
+        """The job, or None if unknown or unreadable (poison: see :meth:`_quarantine`)."""
+        try:
+            return _decode(self.r.hgetall(P + "gen:" + gen_id))
+        except BadRow as e:
+            self._quarantine(gen_id, str(e))
+            return None
+
+    def _quarantine(self, gen_id: str, why: str) -> None:
+        """Take an unreadable job hash out of the listings and the queue bound (the hash stays,
+        for whoever wants to look at it); logged once, when it is first found."""
+        pipe = self.r.pipeline()
+        for key in ("index", "finished"):
+            pipe.zrem(P + key, gen_id)
+        pipe.srem(P + "queued", gen_id)
+        if any(pipe.execute()):
+            fields = {"generation_id": gen_id, "error": why[:200]}
+            log.warning("unreadable job hash dropped from the listings", extra={"fields": fields})
+
+    def seq_of(self, gen_id: str) -> int | None:
+        """The queue sequence of ``gen_id``, also for a job deleted in the last day."""
+        row = self.get(gen_id)
+        if row is not None:
+            return row["seq"]
+        gone = self.r.get(P + "gone:" + gen_id)
+        return ascii_uint(gone.decode("latin-1")) if gone else None
 
     def page(self, statuses=STATUSES, model=None, limit=1000, *, below=None, above=None,
              descending=True):  # fmt: skip
@@ -395,8 +421,12 @@ class RedisStore:
         removed)."""
         now, out = time.time(), {}
         for name, value in self.r.hgetall(WORKERS).items():
-            info = json.loads(value)
-            if now - info["at"] > WORKER_FRESH:
+            try:
+                info = json.loads(value)
+                stale = now - float(info["at"]) > WORKER_FRESH
+            except (ValueError, KeyError, TypeError):  # poison: not an announcement
+                stale = True
+            if stale:
                 self.r.hdel(WORKERS, name)
             else:
                 out[name.decode()] = info
@@ -417,10 +447,22 @@ class RedisBus:
             log.warning("event not published", extra={"fields": {"event": name}})
 
 
+def _relay_one(hub, raw: bytes) -> None:
+    try:
+        event = json.loads(raw)
+        name, data = event["name"], event["data"]
+        if not isinstance(name, str) or not {"status", "generation_id"} <= set(data):
+            raise ValueError("not an event")
+    except (ValueError, KeyError, TypeError) as e:  # poison: not ours; the relay goes on
+        log.warning("event relay: message dropped", extra={"fields": {"error": str(e)[:200]}})
+        return
+    hub.publish(name, data)
+
+
 def relay_events(url: str, hub, stop) -> None:
     """Run until ``stop`` (a ``threading.Event``) is set: every event published on Redis goes
     to ``hub.publish`` (thread-safe).  Reconnects after a Redis restart."""
-    import redis
+    redis = _redis()
 
     client = redis.Redis.from_url(url)
     while not stop.is_set():
@@ -430,8 +472,7 @@ def relay_events(url: str, hub, stop) -> None:
             while not stop.is_set():
                 msg = pubsub.get_message(timeout=0.5)
                 if msg is not None and msg["type"] == "message":
-                    event = json.loads(msg["data"])
-                    hub.publish(event["name"], event["data"])
+                    _relay_one(hub, msg["data"])
         except redis.RedisError as e:
             log.warning("event relay: Redis unreachable", extra={"fields": {"error": str(e)}})
             stop.wait(1.0)

@@ -53,14 +53,21 @@ async def _stream(hub, queue: asyncio.Queue, recent: list[dict], link):
 async def events_route(request: Request):
     c = ctx(request)
     base = c.base_url(request)
-    queue = c.hub.subscribe()
-    recent = await run_in_threadpool(c.store.finished_since, time.time() - REPLAY_SECONDS)
+    queue = c.hub.subscribe()  # before reading the replay: nothing falls in between
+    try:
+        recent = await run_in_threadpool(c.store.finished_since, time.time() - REPLAY_SECONDS)
+    except BaseException:  # e.g. Redis away: a 503, and no subscriber left behind
+        c.hub.unsubscribe(queue)
+        raise
 
     def link(data: dict[str, Any]) -> dict[str, Any]:  # server-relative result paths -> URLs
+        gen_id = data["generation_id"]
         if data.get("result_url"):
-            return {**data, "result_url": c.result_url(base, data["generation_id"])}
+            data = {**data, "result_url": c.result_url(base, gen_id)}
+        if data.get("stream_url"):
+            data = {**data, "stream_url": c.result_url(base, gen_id, data["stream_url"])}
         return data
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     stream = _stream(c.hub, queue, recent, link)
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)

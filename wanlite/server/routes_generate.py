@@ -20,6 +20,7 @@ from .body import read_body
 from .context import ServerContext, _ts, ctx
 from .errors import ApiError
 from .errors import AsciiJSONResponse as JSONResponse
+from .filesend import open_result
 from .jobs import enqueue, parse_request
 from .store import TERMINAL
 from .worker import CLOSED, COMPLETED
@@ -54,6 +55,14 @@ async def _wait(request: Request, events: asyncio.Queue, gen_id: str) -> bool:
             return True
 
 
+def _read_result(c: ServerContext, name: str) -> bytes | None:
+    f = open_result(c.results_dir, name)
+    if f is None:
+        return None
+    with f:
+        return f.read()
+
+
 async def _response(c: ServerContext, request: Request, row: dict, fmt: str) -> dict[str, Any]:
     gen_id, p = row["id"], row["params"]
     item: dict[str, Any] = {
@@ -65,7 +74,9 @@ async def _response(c: ServerContext, request: Request, row: dict, fmt: str) -> 
         "num_frames": p["num_frames"],
     }
     if fmt == "b64_json":
-        data = await run_in_threadpool((c.results_dir / row["result_file"]).read_bytes)
+        data = await run_in_threadpool(_read_result, c, row["result_file"])
+        if data is None:  # deleted (DELETE /v1/videos/{id}) since it ended
+            raise ApiError(409, f"generation {gen_id} was deleted", "cancelled")
         item["b64_json"] = base64.b64encode(data).decode()
     else:
         item["url"] = c.result_url(c.base_url(request), gen_id)

@@ -22,15 +22,22 @@ def health():
 
 @router.get("/ready")
 def ready(request: Request):
+    """200 once a model can run the queue: loaded here or, with --workers 0, in a live worker
+    process; on Redis also while the store answers and the queue's group exists (recreated
+    here if Redis lost it), else 503 ``unavailable`` with the reason."""
     c = ctx(request)
     w = c.worker
-    body = {"status": w.state, "model": c.config.model_id, "error": w.load_error}
-    return JSONResponse(body, status_code=200 if w.state == "ready" else 503)
+    state, error = w.state, w.load_error
+    if state == "ready" and c.store.shared:
+        error = c.store.health()
+        state = "unavailable" if error else state
+    body = {"status": state, "model": c.config.model_id, "error": error}
+    return JSONResponse(body, status_code=200 if state == "ready" else 503)
 
 
 def model_object(request: Request) -> dict[str, Any]:
     c = ctx(request)
-    schema = json_schema()
+    schema = json_schema(c.config.limits)  # "hosted" unless served with --limits model
     return {
         "id": c.config.model_id,
         "object": "model",
@@ -45,7 +52,15 @@ def model_object(request: Request) -> dict[str, Any]:
         "json_request_schema": schema,
         "request_schema": schema,
         "ready": c.worker.state == "ready",
+        "streaming": streaming(c),
     }
+
+
+def streaming(c) -> bool | None:
+    """Whether jobs stream as they are made (a causal model): known once the model is loaded
+    in this process; None with ``--workers 0`` or before loading."""
+    pipe = getattr(c.worker, "pipe", None)
+    return None if pipe is None else bool(getattr(pipe, "causal", False))
 
 
 @router.get("/api/ai/models")

@@ -11,13 +11,15 @@ of the middle frame (``variant=thumbnail``), both behind the API key like every 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from .body import read_json_or_form
 from .context import ctx
 from .errors import ApiError
 from .errors import AsciiJSONResponse as JSONResponse
+from .filesend import OpenFileResponse, open_result
+from .ints import ascii_uint
 from .jobs import enqueue
 from .openai_video import STATUS, create_params, video_object
 from .routes_queue import get_row
@@ -32,13 +34,17 @@ def _video(request: Request, video_id: str) -> dict:
     try:
         return get_row(request, video_id)
     except ApiError:
-        raise ApiError(
-            404,
-            f"video {video_id!r} not found",
-            "invalid_request_error",
-            param="video_id",
-            code="not_found",
-        ) from None
+        raise _not_found(video_id) from None
+
+
+def _not_found(video_id: str) -> ApiError:
+    return ApiError(
+        404,
+        f"video {video_id!r} not found",
+        "invalid_request_error",
+        param="video_id",
+        code="not_found",
+    )
 
 
 @router.post("/v1/videos")
@@ -64,31 +70,39 @@ async def get_content(video_id: str, request: Request, variant: str = "video"):
     if variant not in ("video", "thumbnail"):
         msg = f"variant must be 'video' or 'thumbnail', got {ascii(variant)}"
         raise ApiError(400, msg, param="variant", code="invalid_value")
-    path = c.results_dir / (row["result_file"] or "")
-    if row["status"] != "succeeded" or not row["result_file"] or not path.is_file():
+    if row["status"] != "succeeded" or not row["result_file"]:
         msg = f"video {video_id} has no content: it is {STATUS[row['status']]}"
         raise ApiError(409, msg, "invalid_request_error", code="video_not_ready")
+    f = await run_in_threadpool(open_result, c.results_dir, row["result_file"])
+    if f is None:  # deleted since the row was read
+        raise _not_found(video_id)
     if variant == "video":
-        return FileResponse(path, media_type="video/mp4", filename=f"{row['id']}.mp4")
-    jpeg = await run_in_threadpool(middle_frame_jpeg, path)
+        range_ = request.headers.get("range")
+        return OpenFileResponse(f, "video/mp4", f"{row['id']}.mp4", request.method, range_)
+    with f:
+        jpeg = await run_in_threadpool(middle_frame_jpeg, f)
     return Response(jpeg, media_type="image/jpeg")
 
 
 def _cursor(request: Request, after: str | None) -> int | None:
+    """The queue sequence of the ``after`` id; a video deleted since the previous page (by a
+    client or by retention) still marks its place, for a day (``Store.seq_of``)."""
     if after is None:
         return None
-    row = ctx(request).store.get(after)
-    if row is None:
-        raise ApiError(400, f"after: unknown video {after!r}", param="after", code="invalid_value")
-    return row["seq"]
+    seq = ctx(request).store.seq_of(after)
+    if seq is None:
+        msg = f"after: unknown video {ascii(after)}"
+        raise ApiError(400, msg, param="after", code="invalid_value")
+    return seq
 
 
 def _page_args(limit: str, order: str) -> tuple[int, bool]:
-    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+    size = ascii_uint(limit, max_digits=3)
+    if size is None or not 1 <= size <= 100:
         raise ApiError(400, "limit must be an integer in [1, 100]", param="limit")
     if order not in ("asc", "desc"):
         raise ApiError(400, "order must be 'asc' or 'desc'", param="order")
-    return int(limit), order == "desc"
+    return size, order == "desc"
 
 
 @router.get("/v1/videos")

@@ -11,7 +11,8 @@ Design
   The Host and Origin checks of :mod:`~wanlite.server.guard` still apply to these paths.
 * Only the files named in :data:`PAGE_FILES` are served (no path from the client reaches the
   file system).  Responses forbid framing (clickjacking of a tab that holds a key) and set a
-  Content-Security-Policy that allows only this origin (and ``data:`` images: the previews).
+  Content-Security-Policy that allows only this origin (and ``data:`` images: the previews;
+  ``blob:`` media: the MediaSource of a video shown while it is made).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ TYPES = {
 PAGE_FILES = {path: "index.html" if path == "/" else path.rsplit("/", 1)[1] for path in PAGE_PATHS}
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "media-src 'self'; connect-src 'self'; form-action 'none'; base-uri 'none'; "
+    "media-src 'self' blob:; connect-src 'self'; form-action 'none'; base-uri 'none'; "
     "frame-ancestors 'none'"
 )
 HEADERS = {

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from .body import read_body
 from .context import ctx, render
 from .errors import ApiError
+from .ints import ascii_uint
 from .jobs import enqueue, parse_request
 from .store import STATUSES
 
@@ -39,9 +40,10 @@ MAX_PAGE = 1000
 def _int_arg(name: str, value: str | None, lo: int, hi: int) -> int | None:
     if value is None:
         return None
-    if not value.isdigit() or not lo <= int(value) <= hi:
+    number = ascii_uint(value)
+    if number is None or not lo <= number <= hi:
         raise ApiError(400, f"{name} must be an integer in [{lo}, {hi}]", param=name)
-    return int(value)
+    return number
 
 
 @router.get("/api/ai/queue")

@@ -14,6 +14,8 @@ import hmac
 import time
 from urllib.parse import parse_qs
 
+from .ints import ascii_uint
+
 
 class Signer:
     def __init__(self, key: str | None, ttl: float = 6 * 3600.0):
@@ -33,9 +35,9 @@ class Signer:
         """``"ok"``, ``"expired"`` (a genuine link, too old) or ``"bad"``."""
         query = parse_qs(query_string.decode("latin-1"))
         given = (query.get("sig") or [""])[0]
-        expires = (query.get("expires") or [""])[0]
-        if not expires.isdigit() or len(expires) > 12:
+        expires = ascii_uint((query.get("expires") or [""])[0], max_digits=12)
+        if expires is None:
             return "bad"
-        if not hmac.compare_digest(given.encode(), self.sign(gen_id, int(expires)).encode()):
+        if not hmac.compare_digest(given.encode(), self.sign(gen_id, expires).encode()):
             return "bad"
-        return "ok" if time.time() <= int(expires) else "expired"
+        return "ok" if time.time() <= expires else "expired"

@@ -6,7 +6,9 @@ Design
   ``cancelled``).  Rows go only by retention (:meth:`Store.purge`: finished rows older than
   ``--retention``) or by an explicit delete (:meth:`Store.delete`, ``DELETE /v1/videos/{id}``).
 * Listings page on the sequence (:meth:`Store.page`): a cursor is a ``seq`` (or the ``seq`` of
-  a known id), so a page boundary stays put while rows are added or purged.
+  a known id), so a page boundary stays put while rows are added or purged.  A deleted or
+  purged row leaves its ``seq`` behind for :data:`TOMBSTONE_TTL` (table ``deleted``), so an
+  id cursor (``/v1/videos?after=``) still marks its place after its video is gone.
 * The queue *is* the table: the worker claims the oldest ``queued`` row (FIFO by an
   autoincrement sequence), so a restart loses nothing: queued rows are simply still queued.
 * Crash recovery (:meth:`Store.recover`, run at startup before the worker starts): a row that was
@@ -23,12 +25,15 @@ Design
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from .private import FILE_MODE, private_dir, private_file
 
 ACTIVE = ("queued", "processing")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -59,14 +64,22 @@ CREATE TABLE IF NOT EXISTS generations (
 );
 CREATE INDEX IF NOT EXISTS generations_status ON generations (status, seq);
 CREATE INDEX IF NOT EXISTS generations_completed ON generations (completed_at);
+CREATE TABLE IF NOT EXISTS deleted (  -- where deleted rows were, for id cursors
+    id         TEXT PRIMARY KEY,
+    seq        INTEGER NOT NULL,
+    deleted_at REAL NOT NULL
+);
 """
+TOMBSTONE_TTL = 86400.0  # seconds a deleted id still works as a listing cursor
 
 
 def lock_data_dir(data_dir: Path):
     """Take the data dir's exclusive lock; returns the open lock file (closing it unlocks).
     The OS drops the lock when the process dies, even by SIGKILL."""
     path = Path(data_dir) / "wanlite.lock"
-    f = open(path, "a+")  # noqa: SIM115 - kept open on purpose
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, FILE_MODE)
+    private_file(path)  # a lock file of an earlier version
+    f = os.fdopen(fd, "a+")  # kept open on purpose
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -90,8 +103,10 @@ class Store:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         self._lockfile = lock_data_dir(self.path.parent)
+        for suffix in ("", "-wal", "-shm"):  # SQLite gives -wal and -shm the database's mode
+            private_file(f"{self.path}{suffix}", create=suffix == "")
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -298,9 +313,20 @@ class Store:
             row = self._get(cur, gen_id)
             if row is not None:
                 cur.execute("DELETE FROM generations WHERE id=?", (gen_id,))
+                self._bury(cur, [row])
             return row
 
         return self._tx(fn)
+
+    @staticmethod
+    def _bury(cur, rows: list[dict[str, Any]]) -> None:
+        """Remember where deleted rows were (and forget it after TOMBSTONE_TTL)."""
+        now = time.time()
+        cur.execute("DELETE FROM deleted WHERE deleted_at < ?", (now - TOMBSTONE_TTL,))
+        cur.executemany(
+            "INSERT OR REPLACE INTO deleted (id, seq, deleted_at) VALUES (?, ?, ?)",
+            [(r["id"], r["seq"], now) for r in rows],
+        )
 
     def purge(self, cutoff: float) -> list[dict[str, Any]]:
         """Remove the finished rows completed before ``cutoff``; returns them (the caller
@@ -310,7 +336,9 @@ class Store:
             where = "status IN ('succeeded','failed','cancelled') AND completed_at < ?"
             rows = cur.execute(f"SELECT * FROM generations WHERE {where}", (cutoff,)).fetchall()
             cur.execute(f"DELETE FROM generations WHERE {where}", (cutoff,))
-            return [self._row(r) for r in rows]
+            rows = [self._row(r) for r in rows]
+            self._bury(cur, rows)
+            return rows
 
         return self._tx(fn)
 
@@ -318,6 +346,17 @@ class Store:
     def get(self, gen_id: str) -> dict[str, Any] | None:
         with self._lock:
             return self._get(self._db, gen_id)
+
+    def seq_of(self, gen_id: str) -> int | None:
+        """The queue sequence of ``gen_id``, also for a row deleted in the last day."""
+        sql = (
+            "SELECT seq FROM generations WHERE id=? UNION ALL "
+            "SELECT seq FROM deleted WHERE id=? AND deleted_at >= ?"
+        )
+        with self._lock:
+            found = self._db.execute(sql, (gen_id, gen_id, time.time() - TOMBSTONE_TTL))
+            row = found.fetchone()
+        return None if row is None else row[0]
 
     def page(
         self,

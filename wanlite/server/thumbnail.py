@@ -3,19 +3,21 @@
 Made on request from the MP4 (PyAV, already a dependency for writing the videos): decoding
 stops at the middle frame, so it costs half a decode of one video, and nothing is stored that
 retention or a delete would have to clean up.  JPEG needs the full-range ``yuvj`` formats; 4:4:4
-keeps odd sizes (which 4:2:0 cannot hold) exact.
+keeps odd sizes (which 4:2:0 cannot hold) exact.  The route passes the file it opened (so a
+delete meanwhile cannot make it vanish half-read); a path works too.
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
 
-def _middle_frame(path: Path):
+def _middle_frame(source: str | BinaryIO):
     import av
 
-    with av.open(str(path)) as container:
+    with av.open(source) as container:
         stream = container.streams.video[0]
         middle = max(stream.frames, 1) // 2  # the MP4 header knows the count
         picked = None
@@ -28,12 +30,12 @@ def _middle_frame(path: Path):
         return picked.reformat(format="yuvj444p")
 
 
-def middle_frame_jpeg(path: str | Path, quality: int = 3) -> bytes:
-    """The JPEG bytes of the middle frame of the MP4 at ``path`` (``quality``: ffmpeg's
-    qscale, 2 best .. 31 worst)."""
+def middle_frame_jpeg(source: str | Path | BinaryIO, quality: int = 3) -> bytes:
+    """The JPEG bytes of the middle frame of an MP4 (a path or an open binary file;
+    ``quality``: ffmpeg's qscale, 2 best .. 31 worst)."""
     import av
 
-    frame = _middle_frame(Path(path))
+    frame = _middle_frame(str(source) if isinstance(source, (str, Path)) else source)
     codec = av.CodecContext.create("mjpeg", "w")
     codec.width, codec.height = frame.width, frame.height
     codec.pix_fmt = "yuvj444p"

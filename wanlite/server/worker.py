@@ -22,6 +22,10 @@ Design
   when the model runs in this process, :class:`RemoteWorkers` for ``--workers 0`` (no model,
   readiness from the workers' announcements).  Events go to ``hub``: the local
   :class:`EventHub`, or on Redis a bus to every API process.
+* A causal model (``pipe.causal``) runs each job chunk by chunk instead
+  (:mod:`wanlite.server.streaming`): every chunk goes into a growing fragmented MP4 served at
+  the job's stream URL, with a ``media_generation_chunk`` event; cancel and shutdown are
+  checked before each chunk.
 * :class:`EventHub` fans events out to subscribers (SSE streams, waiting sync requests): the
   worker thread publishes through ``loop.call_soon_threadsafe``; each subscriber owns an
   ``asyncio.Queue``.  Events are ``(name, data)`` with data a JSON-able dict; result URLs in
@@ -42,7 +46,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .private import private_file
 from .store import ACTIVE, Store
+from .streaming import CHUNK, run_stream, stream_path, unlink_if_ours
 
 log = logging.getLogger("wanlite.server")
 
@@ -254,6 +260,7 @@ class Worker(JobControl):
         self.pipe = None
         self.current: str | None = None
         self._why: dict[str, str] = {}  # gen_id -> why the heartbeat stopped it
+        self._live: dict[str, tuple[Path, int]] = {}  # gen_id -> its stream file (and inode)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._done = threading.Event()  # the model thread has ended
@@ -363,8 +370,11 @@ class Worker(JobControl):
                         self._wake.clear()
                     continue
                 self._run(row)
-            except Exception:  # noqa: BLE001 - e.g. a full disk: log, wait, go on
-                log.exception("worker error")
+            except Exception as e:  # noqa: BLE001 - e.g. a full disk: log, wait, go on
+                if self.store.shared and self.store.unreachable(e):  # one line a second
+                    log.warning("job store unreachable", extra={"fields": {"error": str(e)}})
+                else:
+                    log.exception("worker error")
                 self.current = None  # no heartbeat for a job left behind: it is taken over
                 self._stop.wait(1.0)
         self._thread_ended()
@@ -389,17 +399,26 @@ class Worker(JobControl):
         self.current = None
         if outcome is not None:  # None: requeued at shutdown
             self._conclude(gen_id, *outcome, seconds=round(time.perf_counter() - t0, 3))
+        live = self._live.pop(gen_id, None)
+        if live is not None:  # a stream's file: gone once the store says how the job ended
+            unlink_if_ours(*live)
 
-    def _hooks(self, row: dict[str, Any]) -> dict[str, Any]:
-        """``generate``'s callbacks for ``row``: stop when asked (after each step and each
-        decoded chunk), store and publish progress, and previews when the server makes them."""
-        gen_id = row["id"]
+    def _stop_check(self, gen_id: str) -> Callable[..., None]:
+        """A callable that raises when the server stops or ``gen_id`` is to be cancelled."""
 
         def stop_if_asked(*_) -> None:
             if self._stop.is_set():
                 raise _Shutdown
             if gen_id in self._cancel:
                 raise _CancelRequested
+
+        return stop_if_asked
+
+    def _hooks(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``generate``'s callbacks for ``row``: stop when asked (after each step and each
+        decoded chunk), store and publish progress, and previews when the server makes them."""
+        gen_id = row["id"]
+        stop_if_asked = self._stop_check(gen_id)
 
         previews: dict[str, str] = {}  # the step's new preview, made just before its callback
 
@@ -410,12 +429,7 @@ class Worker(JobControl):
 
         def callback(step: int, total_: int, latents) -> None:
             stop_if_asked()
-            try:
-                self.store.progress(gen_id, step + 1)
-            except Exception as e:  # shared store away for a moment: the job goes on
-                if not self.store.shared:
-                    raise
-                log.warning("progress not stored", extra={"fields": {"error": str(e)}})
+            self._progress(gen_id, step + 1)
             event = {**event_data(row), "step": step + 1, "total": total_}
             if "url" in previews:
                 event["preview"] = previews.pop("url")
@@ -426,18 +440,50 @@ class Worker(JobControl):
             hooks |= dict(preview_every=self.previews, on_preview=on_preview)
         return hooks
 
+    def _progress(self, gen_id: str, step: int) -> None:
+        try:
+            self.store.progress(gen_id, step)
+        except Exception as e:  # shared store away for a moment: the job goes on
+            if not self.store.shared:
+                raise
+            log.warning("progress not stored", extra={"fields": {"error": str(e)}})
+
+    def _stream(self, row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """A causal model's job (:mod:`wanlite.server.streaming`): each chunk into the live
+        file, then a progress and a ``media_generation_chunk`` event; the step shown is the
+        share of frames done, in the row's steps (rounded up).  Returns (result file, metrics)."""
+        gen_id, t0 = row["id"], time.perf_counter()
+        total_steps = row["total_steps"]
+
+        def on_chunk(done: int, total: int, codecs: str | None) -> None:
+            step = -(-done * total_steps // total)  # rounded up: 0 only before any frame
+            self._progress(gen_id, step)
+            event = {**event_data(row), "step": step, "total": total_steps}
+            self.hub.publish(PROGRESS, event)
+            chunk = {"frames": done, "num_frames": total, "codecs": codecs}
+            self.hub.publish(CHUNK, {**event, **chunk, "stream_url": stream_path(gen_id)})
+
+        check = self._stop_check(gen_id)
+        result, live, ino = run_stream(self.pipe, row, self.results_dir, check, on_chunk)
+        self._live[gen_id] = (live, ino)
+        return result, {"timings": {"stream": round(time.perf_counter() - t0, 3)}}
+
     def _execute(self, row: dict[str, Any]) -> tuple | None:
         """Run the generation: (status, result file, error, metrics), or None when the server
         stops and the job went back to the queue."""
         gen_id = row["id"]
         status, result_file, error, metrics = "failed", None, None, None
         try:
-            params = {**row["params"], "seed": row["seed"]}
-            video = self.pipe.generate(**params, progress=False, **self._hooks(row))
-            result_file = f"{gen_id}.mp4"
-            video.save(self.results_dir / result_file)
+            if getattr(self.pipe, "causal", False):  # served chunk by chunk as it grows
+                result_file, metrics = self._stream(row)
+            else:
+                params = {**row["params"], "seed": row["seed"]}
+                video = self.pipe.generate(**params, progress=False, **self._hooks(row))
+                result_file = f"{gen_id}.mp4"
+                video.save(self.results_dir / result_file)
+                private_file(self.results_dir / result_file)  # 0600, in a 0700 folder
+                metrics = {"timings": video.timings, "peak_memory": video.peak_memory}
             status = "succeeded"
-            metrics = {"timings": video.timings, "peak_memory": video.peak_memory}
         except _Shutdown:
             self.store.requeue(gen_id)
             log.info("generation requeued at shutdown", extra={"fields": {"generation_id": gen_id}})

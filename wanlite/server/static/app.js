@@ -317,6 +317,12 @@
       $(".job-step", li).textContent = `step ${step} of ${total}`;
       li.dataset.step = step;
     }
+    if (d.frames !== undefined && d.num_frames) {
+      // a causal job's chunk: the progress is in frames made (the step is their share)
+      const made = `${d.frames} of ${d.num_frames} frames`;
+      $(".job-step", li).textContent = made;
+      $(".job-bar", li).setAttribute("aria-label", `Progress: ${made}`);
+    }
     const preview = $(".job-preview", li);
     if (d.preview) {
       preview.src = d.preview;
@@ -341,6 +347,9 @@
     const started = Number(li.dataset.step || 0) > 0;
     $(".job-progress", li).hidden = !(status === "processing" || (stopped && started));
     if (!active) preview.hidden = true;
+    if (d.stream_url && d.codecs && status === "processing") startLive(id, li, d);
+    if (status === "succeeded" && data.result_url) stopLive(id, li);
+    else if (!active) stopLive(id, li, false);
     $(".job-error", li).textContent = status === "succeeded" ? "" : data.error_message || "";
     if (status === "succeeded" && data.result_url) showResult(li, data);
     if (before && before !== status && TERMINAL.has(status)) {
@@ -363,6 +372,79 @@
     link.href = url;
     link.download = `${data.generation_id}.mp4`;
     $(".job-result", li).hidden = false;
+  }
+
+  // -- a causal job's video while it is made: MediaSource on its growing fragmented MP4 -----
+  // Each media_generation_chunk event carries stream_url and the H.264 codecs string; the
+  // first one starts a player that appends the stream's bytes (whole MP4 boxes) as they come.
+  // A stream that ends while the job still runs (a worker died: the job restarts) is dropped
+  // and the next chunk event starts a new one; the finished result replaces it.
+  const live = new Map(); // generation id -> {video, ms, url}
+
+  function startLive(id, li, d) {
+    if (live.has(id)) return;
+    const note = $(".job-live-note", li);
+    const type = `video/mp4; codecs="${d.codecs}"`;
+    if (!window.MediaSource || !MediaSource.isTypeSupported(type)) {
+      li.dataset.live = "unsupported";
+      note.textContent = "This browser cannot play the video while it is made.";
+      note.hidden = false;
+      return;
+    }
+    const video = $(".job-live", li);
+    const ms = new MediaSource();
+    const entry = { video, ms, url: URL.createObjectURL(ms) };
+    live.set(id, entry);
+    video.src = entry.url;
+    video.setAttribute("aria-label", `Video so far: ${d.prompt || ""}`);
+    video.hidden = false;
+    li.dataset.live = "starting";
+    ms.addEventListener("sourceopen", () => feedLive(id, li, entry, d.stream_url, type), {
+      once: true,
+    });
+  }
+
+  function appendTo(sb, bytes) {
+    return new Promise((resolve, reject) => {
+      sb.addEventListener("updateend", resolve, { once: true });
+      sb.addEventListener("error", reject, { once: true });
+      sb.appendBuffer(bytes);
+    });
+  }
+
+  async function feedLive(id, li, entry, url, type) {
+    try {
+      const sb = entry.ms.addSourceBuffer(type);
+      const r = await api(sameOrigin(url));
+      if (!r.ok || !r.body) throw new HttpError(r.status, await r.json().catch(() => null));
+      const reader = r.body.getReader();
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done || live.get(id) !== entry) break;
+        await appendTo(sb, value);
+        li.dataset.live = "playing";
+        entry.video.play().catch(() => {});
+      }
+    } catch (e) {
+      console.warn("live video:", e);
+    }
+    if (live.get(id) !== entry) return;
+    const job = state.jobs.get(id);
+    if (job && job.data.status === "processing") {
+      live.delete(id); // the stream ended early (a restart): the next chunk event starts anew
+    } else if (entry.ms.readyState === "open") {
+      entry.ms.endOfStream();
+    }
+  }
+
+  function stopLive(id, li, finished = true) {
+    const entry = live.get(id);
+    if (!entry) return;
+    live.delete(id);
+    if (finished || !entry.video.currentTime) entry.video.hidden = true; // the result follows
+    entry.video.pause();
+    URL.revokeObjectURL(entry.url);
+    li.dataset.live = "ended";
   }
 
   // The full object of a generation first seen in an event (its prompt and parameters).
