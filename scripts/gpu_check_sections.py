@@ -672,12 +672,7 @@ def causal(args, out: Out) -> None:
     if cannot_run_wanlite(out, causal={}):
         return
     import wanlite
-    from wanlite.pipeline import Pipeline
 
-    if not hasattr(Pipeline, "stream"):
-        why = "skipped: no causal path (Pipeline.stream) in this build"
-        out.save(causal={"status": why}, _status=why)
-        return
     device, _ = _torch_device(args)
     frames = 9 if args.quick else 21
     with DeviceMemory(device) as real:
