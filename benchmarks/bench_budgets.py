@@ -8,10 +8,11 @@ Each budget (and the unbudgeted default, "none") runs in its own process: load +
 call (CFG 5, embedding cache off, so every run encodes its prompts), as ``wanlite generate``
 does.  Reported per run: the placement the planner chose (offload, DiT kept), its estimate,
 the measured peak RSS (VmHWM: anonymous and mapped file pages), the wall of load + generate,
-the seconds per phase, the seconds spent reading weights, and the PSNR of the frames against
-the unbudgeted run (placement must not change the result).  Prints the host's CPU features,
-a table and a last line of JSON.  Only ratios within one run compare (other processes load
-this host's CPU); the page cache is whatever the runs before left.
+the seconds per phase, the seconds spent reading weights (and, for streamed blocks, on the
+prefetch thread beside the compute, with the compute's waits for it), and the PSNR of the
+frames against the unbudgeted run (placement must not change the result).  Prints the host's
+CPU features, a table and a last line of JSON.  Only ratios within one run compare (other
+processes load this host's CPU); the page cache is whatever the runs before left.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def worker(model: str, budget: str, params: dict, dtype: str) -> dict:
         "load_s": load_s,
         "phase_seconds": video.timings,
         "weights_s": video.weights_seconds,
+        "prefetch_s": video.prefetch_seconds,
+        "prefetch_wait_s": video.prefetch_wait_seconds,
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "arrays": {"latents": video.latents.float().numpy(), "frames": video.frames},
     }
@@ -64,14 +67,15 @@ def worker(model: str, budget: str, params: dict, dtype: str) -> dict:
 def table(rows: list[dict]) -> None:
     head = f"{'budget':<8}{'offload':<9}{'DiT kept':<9}{'est GiB':>8}{'peak GiB':>9}"
     head += f"{'wall s':>8}{'x none':>7}" + "".join(f"{p[:6] + ' s':>9}" for p in PHASES)
-    print(head + f"{'weights s':>10}{'PSNR dB':>9}")
+    print(head + f"{'weights s':>10}{'prefetch s (waited)':>20}{'PSNR dB':>9}")
     for r in rows:
         secs = "".join(f"{r['phase_seconds'].get(p, 0):>9.1f}" for p in PHASES)
         psnr = "inf" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.1f}"
+        prefetch = f"{r['prefetch_s']:.1f} ({r['prefetch_wait_s']:.1f})" if r["prefetch_s"] else "-"
         print(
             f"{r['budget']:<8}{r['offload']:<9}{str(r['keep_dit']):<9}{gib(r['estimate']):>8}"
             f"{gib(r['peak']):>9}{r['wall_s']:>8.1f}{r['wall_ratio']:>7.2f}{secs}"
-            f"{r['weights_s']:>10.1f}{psnr:>9}"
+            f"{r['weights_s']:>10.1f}{prefetch:>20}{psnr:>9}"
         )
 
 
@@ -117,7 +121,7 @@ def main() -> None:
     )
     table(rows)
     keep = ("budget", "offload", "keep_dit", "estimate", "peak", "wall_s", "phase_seconds")
-    keep += ("weights_s", "psnr_db", "wall_ratio")
+    keep += ("weights_s", "prefetch_s", "prefetch_wait_s", "psnr_db", "wall_ratio")
     out = [{k: r[k] for k in keep} for r in rows]
     print(json.dumps({"host": host_line(), "model": a.model, "runs": out}, default=str))
 

@@ -195,3 +195,19 @@ def test_causal_refuses_what_its_kv_cache_replaces(tiny_checkpoint, causal_file)
     for options in ({"compile": True}, {"cache": "teacache"}, {"preset": "causvid"}):
         with pytest.raises(ValueError, match="causal model"):
             wanlite.load(tiny_checkpoint, transformer=causal_file, device="cpu", **options)
+
+
+def test_the_planner_sizes_a_causal_call_by_its_chunk_and_window(causal_pipe):
+    """481 frames cost the planner what 81 do, up to the latent buffers: one chunk of 3 latent
+    frames runs at a time beside a KV cache of at most ``kv_window`` frames."""
+    from wanlite.frames import Plan
+    from wanlite.params import validate
+
+    def denoise(frames):
+        p = validate(prompt="x", height=32, width=48, num_frames=frames, limits="model")
+        size = Plan.for_request(p, causal_pipe.cfg)
+        place = causal_pipe.place(size, p)
+        return place.estimate.denoise, size.latent_shape, 2 if place.cfg_batched else 1
+
+    (short, (c, f1, h, w), batch), (long, (_, f2, _, _), _) = denoise(81), denoise(481)
+    assert long - short == batch * 3 * c * (f2 - f1) * h * w * 4

@@ -380,3 +380,24 @@ def test_compiled_blocks_log_once_when_they_fall_back_to_eager(state, monkeypatc
     body = model.blocks[0].compiled_body
     assert body.eager_calls == 2 * CFG.num_layers
     assert sum("run eagerly" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_rms_norm_matches_torch(dtype):
+    """The q/k RMSNorm's three-pass CPU forward against ``nn.RMSNorm``'s, on a contiguous and
+    on a strided input (a q slice of fused q/k/v projections)."""
+    from wanlite.models.dit import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    ours, ref = RMSNorm(64, eps=1e-6), torch.nn.RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(64, generator=g) + 1)
+        ref.weight.copy_(ours.weight)
+    ours, ref = ours.to(dtype), ref.to(dtype)
+    fused = torch.randn(2, 50, 3 * 64, generator=g).mul_(3).to(dtype)
+    for x in (fused[..., 64:128].contiguous(), fused[..., 64:128]):
+        a, b = ours(x), ref(x)
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape
+        # fp32: rounding only; bf16: at most one rounding step of the bf16 result
+        tol = 1e-6 if dtype == torch.float32 else 2**-7
+        assert ((a.float() - b.float()).abs() <= tol * b.float().abs() + 1e-6).all()

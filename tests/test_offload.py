@@ -31,6 +31,58 @@ def test_offload_modes_are_exact(tiny_checkpoint, reference, offload):
     assert all(c.module is None for c in pipe.components.values())
 
 
+def test_streamed_reads_are_reported_beside_the_phases(tiny_checkpoint, reference):
+    """offload="blocks": the prefetch thread's reads are counted in ``prefetch_seconds``
+    (beside the compute) and the compute's waits for them in ``prefetch_wait_seconds``; a
+    resident call has neither."""
+    pipe = wanlite.load(str(tiny_checkpoint), device="cpu", offload="blocks", linear="aten")
+    video = pipe.generate(**KW, progress=False)
+    assert video.prefetch_seconds > 0
+    assert 0 <= video.prefetch_wait_seconds <= sum(video.timings.values())
+    again = pipe.generate(**KW, progress=False)  # per call: the components' totals split
+    total = sum(c.prefetch_seconds()[0] for c in pipe.components.values())
+    assert again.prefetch_seconds > 0
+    assert total == pytest.approx(video.prefetch_seconds + again.prefetch_seconds)
+    assert reference.prefetch_seconds == reference.prefetch_wait_seconds == 0
+
+
+def test_cpu_streamer_returns_each_freed_block_to_the_os(monkeypatch):
+    """On the CPU each released block is trimmed from glibc's heap (without it a 1.3B forward
+    under offload="blocks" kept ~70 MB per block: bench_budgets.py, docs/memory.md)."""
+    from wanlite.runtime import offload
+
+    trims = []
+    monkeypatch.setattr(offload, "trim", lambda: trims.append(1))
+    blocks, weights = _linear_blocks()
+    streamer = BlockStreamer(blocks, "blocks", weights.__getitem__, torch.device("cpu"), 0)
+    y = torch.randn(2, 4)
+    for b in blocks:
+        y = b(y)
+    streamer.close()
+    assert len(trims) == len(blocks)
+
+
+def test_streamed_umt5_is_read_once_for_both_texts(tiny_checkpoint, monkeypatch):
+    """With CFG the prompt and the negative prompt go through a streamed umT5 in one pass:
+    each of its layers is read once per call, not once per text."""
+    from wanlite.models import t5
+
+    reads = []
+    read = BlockStreamer._read
+
+    def counted(self, i):
+        if isinstance(self.blocks[i], t5.Block):
+            reads.append(i)
+        return read(self, i)
+
+    monkeypatch.setattr(BlockStreamer, "_read", counted)
+    pipe = wanlite.load(
+        str(tiny_checkpoint), device="cpu", offload="blocks", linear="aten", embed_cache=False
+    )
+    pipe.generate(**KW, progress=False)  # guidance 5: the prompt and " " both encoded
+    assert sorted(reads) == list(range(pipe.cfg.t5.num_layers))
+
+
 @pytest.mark.parametrize("quant", ["int8", "fp8"])
 @pytest.mark.parametrize("offload", ["none", "blocks"])
 def test_quantized_modes_are_close(tiny_checkpoint, reference, quant, offload):

@@ -162,3 +162,24 @@ def test_a_budget_that_holds_the_dit_keeps_it_resident_under_model_offload():
     forced = Options(offload="model", max_memory="64GB")
     assert not choose(FULL, small, forced, cpu, 2).kept("transformer")
     assert choose(FULL, small, Options(max_memory="64GB"), cpu, 2).offload == "none"
+
+
+def test_causal_and_windowed_calls_are_sized_by_what_one_forward_sees():
+    """A causal call runs chunks of 3 latent frames beside a KV cache of the window's frames; a
+    windowed call runs one window at a time: neither is sized by the whole video."""
+    kw = dict(compute_bytes=2, quant="none", offload="model", tiled=True)
+    long = (16, 121, 60, 104)  # 832x480x481
+    whole = estimate(FULL, long, **kw).denoise
+    chunk = estimate(FULL, long, dit_frames=3, **kw).denoise
+    causal = estimate(FULL, long, dit_frames=3, kv_frames=21, **kw).denoise
+    kv = 2 * FULL.dit.num_layers * 21 * (60 // 2) * (104 // 2) * FULL.dit.dim * 2
+    assert causal - chunk == kv  # k and v of 21 frames in every block, bf16
+    assert causal < whole - 2 * 2**30  # 9.2 GiB against 12.0 (6.0 GiB of K/V)
+    # the KV cache never holds more frames than the video has
+    short = (16, 6, 60, 104)
+    assert (
+        estimate(FULL, short, dit_frames=3, kv_frames=21, **kw).denoise
+        == estimate(FULL, short, dit_frames=3, kv_frames=6, **kw).denoise
+    )
+    window = estimate(FULL, long, dit_frames=21, **kw).denoise
+    assert window == estimate(FULL, (16, 21, 60, 104), **kw).denoise + 3 * 16 * 100 * 60 * 104 * 4

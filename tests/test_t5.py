@@ -156,6 +156,23 @@ def test_real_tokens_independent_of_padding_length():
         assert (full[i, :n] - trimmed[i, :n]).abs().max().item() <= 1e-5
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encode_each_equals_one_forward_per_text(dtype):
+    """Texts of different lengths through the layers in one pass give, bit for bit, what one
+    ``forward`` per text gives; each layer module is called once for all of them."""
+    model = ours_from(random_weights(4)).to(dtype)
+    texts = [padded_batch(lengths=(n,), length=n, seed=n) for n in (1, 9, 30)]
+    calls = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    together = model.encode_each(texts)
+    assert calls == [3] * CFG.num_layers
+    for (ids, mask), out in zip(texts, together):
+        assert out.shape == (1, ids.shape[1], CFG.d_model) and out.dtype == dtype
+        assert torch.equal(out, model(ids, mask))
+
+
 def test_relative_buckets_match_transformers():
     config = transformers.UMT5Config(**CFG.to_diffusers())
     attn = transformers.models.umt5.modeling_umt5.UMT5Attention(config, True)

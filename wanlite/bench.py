@@ -104,6 +104,8 @@ def run_generation(model: str, params: dict, options: dict) -> dict:
         "compile_warmup_s": warmup_s,
         "generate_s": generate_s,
         "weights_s": video.weights_seconds,
+        "prefetch_s": video.prefetch_seconds,
+        "prefetch_wait_s": video.prefetch_wait_seconds,
         "lora_merge_s": sum(c.lora_seconds for c in pipe.components.values()),
         "steps": video.params["num_inference_steps"],
         "guidance_scale": video.params["guidance_scale"],

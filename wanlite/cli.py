@@ -431,6 +431,11 @@ def _summary(args, pipe, video, params, path: Path) -> None:
     for phase, seconds in video.timings.items():
         print(f"{phase}: {seconds:.1f} s, peak {fmt_bytes(video.peak_memory[phase])}")
     print(f"of which reading weights: {video.weights_seconds:.1f} s")
+    if video.prefetch_seconds:
+        print(
+            f"streamed blocks: {video.prefetch_seconds:.1f} s of reads beside the compute, "
+            f"which waited {video.prefetch_wait_seconds:.1f} s for them"
+        )
     shown = video.stats.get("preview_seconds")
     if shown:
         each = sum(shown) / len(shown)

@@ -189,6 +189,7 @@ class Pipeline:
             t5_quant=self.components["text_encoder"].quant,
             vae_bytes=self.components["vae"].dtype.itemsize,
             dtype=self.dtype,
+            **self._forward_frames(size.latent_shape[1]),
         )
         if self.components["transformer"].packable and self.options.linear == "auto":
             _, f, h, w = size.latent_shape
@@ -202,6 +203,17 @@ class Pipeline:
             place.estimate.peak / 2**30,
         )
         return place
+
+    def _forward_frames(self, latent_frames: int) -> dict[str, int | None]:
+        """What one DiT forward of this call sees, for the planner: a causal chunk and the
+        frames of its KV cache, or a context window; else the whole video (None)."""
+        if self.causal:
+            window = self.options.kv_window or latent_frames
+            return dict(dit_frames=SELF_FORCING.chunk_frames, kv_frames=window)
+        windows = ContextWindows.from_options(self.options, self.cfg.vae.temporal_stride)
+        if windows is not None and windows.applies(latent_frames):
+            return dict(dit_frames=windows.size, kv_frames=0)
+        return dict(dit_frames=None, kv_frames=0)
 
     # -- phases ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -227,21 +239,23 @@ class Pipeline:
     def _encode(self, texts: list[str], place: planner.Placement) -> list[torch.Tensor]:
         """Run the text encoder: one [n_i, d_model] tensor per (cleaned) text.
 
-        One text at a time, each cut to its real length: encoder outputs at real tokens do not
-        depend on the padding after them (padded keys are masked; the position bias depends
-        only on distances), so this is exact and 512/n times less work than encoding the padded
-        batch -- and an embedding then depends only on (model, text), never on which other
-        text shared its batch, so cached and fresh embeddings are bit-identical."""
+        Each text cut to its real length: encoder outputs at real tokens do not depend on the
+        padding after them (padded keys are masked; the position bias depends only on
+        distances), so this is exact and 512/n times less work than encoding the padded batch.
+        The texts go through the layers together but each on its own (``encode_each``): one
+        pass over the layers (a streamed umT5 is read once, not once per text), and an
+        embedding still depends only on (model, text), never on which other text shared its
+        pass, so cached and fresh embeddings are bit-identical."""
         encoder = self._acquire("text_encoder", place)
-        out = []
+        pairs = []
         for text in texts:
             ids, mask = self.tokenizer([text], max_length=MAX_TOKENS)
             n = int(mask.sum())
             if n >= MAX_TOKENS:
                 log.warning("a prompt is longer than %d tokens and was truncated", MAX_TOKENS)
-            hidden = encoder(ids[:, :n].to(self.device), mask[:, :n].to(self.device))
-            out.append(hidden[0].to("cpu", self.dtype).clone())
-        return out
+            pairs.append((ids[:, :n].to(self.device), mask[:, :n].to(self.device)))
+        hidden = encoder.encode_each(pairs)
+        return [h[0].to("cpu", self.dtype).clone() for h in hidden]
 
     def denoise(
         self,
@@ -667,10 +681,14 @@ class _Run:
 
     def __init__(self, pipe: Pipeline):
         self.pipe, self.meter, self.timings = pipe, PeakMeter(pipe.device), {}
-        self.loading = self._weight_seconds()
+        self.loading, self.prefetch = self._weight_seconds(), self._prefetch_seconds()
 
     def _weight_seconds(self) -> float:
         return sum(c.load_seconds for c in self.pipe.components.values())
+
+    def _prefetch_seconds(self) -> tuple[float, float]:
+        pairs = [c.prefetch_seconds() for c in self.pipe.components.values()]
+        return sum(r for r, _ in pairs), sum(w for _, w in pairs)
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -682,6 +700,8 @@ class _Run:
     def finish(self, video: Video) -> Video:
         video.timings = self.timings
         video.weights_seconds = self._weight_seconds() - self.loading
+        (read, wait), (read0, wait0) = self._prefetch_seconds(), self.prefetch
+        video.prefetch_seconds, video.prefetch_wait_seconds = read - read0, wait - wait0
         video.stats = dict(self.pipe.stats)
         video.peak_memory = dict(self.meter.peaks)
         return video

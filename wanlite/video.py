@@ -227,6 +227,11 @@ class Video:
     # Of the phases' time, seconds spent reading and preparing weights: the first call's
     # loading (``wanlite.load`` reads headers only), and every call's with offload on.
     weights_seconds: float = 0.0
+    # Blocks streamed from disk (offload "blocks"): seconds the prefetch thread spent reading
+    # them, beside the compute (not part of the phases' time), and seconds the compute waited
+    # for a block that was not read yet (part of them).
+    prefetch_seconds: float = 0.0
+    prefetch_wait_seconds: float = 0.0
     # How it was made (``made_by``: request, seed, model, wanlite version; filled by the
     # pipeline), written into the MP4's tags by ``save``; add keys of your own if you like.
     metadata: dict[str, Any] = field(default_factory=dict)

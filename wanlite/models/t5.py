@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +205,18 @@ def _fp16_clamp(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@dataclass
+class Tokens:
+    """One text on its way through the encoder: x [1 or B, L, d_model] and what its layers need
+    (relative-position buckets [L*L], key mask bias [B, L] and the [B, H, L, L] fp32 bias buffer
+    that every layer rewrites)."""
+
+    x: torch.Tensor
+    buckets: torch.Tensor
+    mask_bias: torch.Tensor
+    bias: torch.Tensor
+
+
 class Block(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
@@ -213,16 +226,22 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.pos_embedding = RelativeBias(cfg.num_buckets, cfg.num_heads)
 
-    def forward(self, x, buckets, mask_bias, bias_buffer):
-        bias = self.pos_embedding(buckets, mask_bias, out=bias_buffer)  # [B, H, L, L] fp32
-        x = _fp16_clamp(x + self.attn(self.norm1(x), bias))
-        return _fp16_clamp(x + self.ffn(self.norm2(x)))
+    def forward(self, seqs: list[Tokens]) -> list[Tokens]:
+        """Each sequence through this layer on its own (the arithmetic of encoding it alone), all
+        in one call: a layer streamed from disk (``runtime.offload``) is read once for them all."""
+        for s in seqs:
+            bias = self.pos_embedding(s.buckets, s.mask_bias, out=s.bias)  # [B, H, L, L] fp32
+            x = _fp16_clamp(s.x + self.attn(self.norm1(s.x), bias))
+            s.x = _fp16_clamp(x + self.ffn(self.norm2(x)))
+        return seqs
 
 
 class UMT5Encoder(nn.Module):
     """umT5 encoder: ``forward(ids [B, L], mask [B, L]) -> [B, L, d_model]`` (final norm applied).
 
-    ``mask`` is 1 (or True) for real tokens, 0 for padding; any integer/bool/float dtype."""
+    ``mask`` is 1 (or True) for real tokens, 0 for padding; any integer/bool/float dtype.
+    ``encode_each`` runs several (ids, mask) pairs of different lengths layer by layer, each on
+    its own: the same results as one ``forward`` each, from one pass over the layers."""
 
     def __init__(self, cfg: T5Config):
         super().__init__()
@@ -233,11 +252,20 @@ class UMT5Encoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.encode_each([(ids, mask)])[0]
+
+    @torch.no_grad()
+    def encode_each(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        seqs = [self._start(ids, mask) for ids, mask in pairs]
+        for block in self.blocks:
+            seqs = block(seqs)
+        return [self.norm(s.x) for s in seqs]
+
+    def _start(self, ids: torch.Tensor, mask: torch.Tensor) -> Tokens:
         if ids.shape != mask.shape or ids.ndim != 2:
             raise ValueError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)} must be [B, L]")
         b, n = ids.shape
         cfg = self.cfg
-        x = self.token_embedding(ids)
         buckets = relative_buckets(n, cfg.num_buckets, cfg.max_distance, ids.device).view(-1)
         # Additive key mask: 0 on real tokens, fp32 min on padding.
         neg = torch.finfo(torch.float32).min
@@ -246,7 +274,5 @@ class UMT5Encoder(nn.Module):
         )
         # One [B, H, L, L] fp32 buffer rewritten by every layer: re-touching the same pages is
         # much faster on CPU than a fresh tensor per layer (64 MB at 512 tokens: page faults).
-        bias_buffer = torch.empty(b, cfg.num_heads, n, n, dtype=torch.float32, device=ids.device)
-        for block in self.blocks:
-            x = block(x, buckets, mask_bias, bias_buffer)
-        return self.norm(x)
+        bias = torch.empty(b, cfg.num_heads, n, n, dtype=torch.float32, device=ids.device)
+        return Tokens(self.token_embedding(ids), buckets, mask_bias, bias)

@@ -131,6 +131,9 @@ class Component:
         self.lora = None
         self.lora_seconds = 0.0
         self.load_seconds = 0.0  # total time spent materializing weights (reads, casts, prep)
+        # Streamed blocks: seconds of reads on the prefetch thread and of compute waiting for
+        # them, summed over the streamers this component has had (``prefetch_seconds``)
+        self._prefetch = (0.0, 0.0)
         # Narrowing casts written once to the cache folder (``castcache``); False: none
         self.cast_root = cast_root
         self._casts: TensorStore | None | bool = None if cast_root is not None else False
@@ -354,12 +357,21 @@ class Component:
             total += t.untyped_storage().nbytes()
         return total
 
+    def prefetch_seconds(self) -> tuple[float, float]:
+        """(seconds the prefetch thread spent reading streamed blocks, seconds the compute
+        waited for them), over this component's life."""
+        read, wait = self._prefetch
+        if self.streamer is not None:
+            read, wait = read + self.streamer.read_seconds, wait + self.streamer.wait_seconds
+        return read, wait
+
     def release(self) -> None:
         """Drop the module -- and weights quantized in RAM: offload is asked for to save memory,
         so they are quantized again on the next acquire (``wanlite convert --quant`` avoids
         that)."""
         if self.streamer is not None:
             self.streamer.close()
+            self._prefetch = self.prefetch_seconds()
             self.streamer = None
         self.module = self._compact = None
         self.streamed = self.packed = False

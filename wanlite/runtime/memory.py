@@ -9,6 +9,7 @@ the current RSS high-water mark without reset (``resettable`` is False then).
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,8 +82,17 @@ def trim() -> None:
     Large weights freed between phases can stay in the process's heap when smaller live
     allocations sit between them (fragmentation); ``malloc_trim`` returns every free page,
     including those in the middle of the heap.  A no-op where glibc is not the allocator."""
+    fn = _malloc_trim()
+    if fn is not None:
+        fn(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs a subprocess)."""
     import ctypes
     import ctypes.util
 
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    return None

@@ -29,11 +29,14 @@ token embedding is ~1 B parameters): it reads only the rows of the tokens asked 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
+
+from .memory import trim
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,9 @@ class BlockStreamer:
         self.handles = []
         self.kept: dict[str, torch.Tensor] = {}
         self.keep_bytes, self.kept_bytes, self.reads = keep_bytes, 0, 0
+        # Seconds the prefetch thread spent reading (overlapping compute), and seconds the
+        # compute waited for a block that was not ready yet (on the critical path).
+        self.read_seconds = self.wait_seconds = 0.0
         for i, block in enumerate(blocks):
             release(block)
             self.handles.append(block.register_forward_pre_hook(self._before(i)))
@@ -118,13 +124,15 @@ class BlockStreamer:
 
     def _read(self, i: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
         """Block ``i``'s tensors on the compute device (runs on the prefetch thread)."""
+        t0 = time.perf_counter()
         state = {rel: self._host(full) for rel, full in self.names[i].items()}
-        if not self.cuda:
-            return state, None
-        with torch.cuda.stream(self.stream):  # queued behind nothing: overlaps the compute
-            state = {k: v.to(self.device, non_blocking=True) for k, v in state.items()}
-            event = torch.cuda.Event()
-            event.record(self.stream)
+        event = None
+        if self.cuda:
+            with torch.cuda.stream(self.stream):  # queued behind nothing: overlaps the compute
+                state = {k: v.to(self.device, non_blocking=True) for k, v in state.items()}
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        self.read_seconds += time.perf_counter() - t0  # (the device copy only queued)
         return state, event
 
     def _prefetch(self, i: int) -> None:
@@ -134,7 +142,9 @@ class BlockStreamer:
     def _before(self, i: int):
         def hook(block, args):
             self._prefetch(i)
+            t0 = time.perf_counter()
             state, event = self.pending.pop(i).result()
+            self.wait_seconds += time.perf_counter() - t0
             if event is not None:
                 compute = torch.cuda.current_stream(self.device)
                 compute.wait_event(event)
@@ -148,6 +158,8 @@ class BlockStreamer:
     def _after(self, i: int):
         def hook(block, args, output):
             release(block)
+            if not self.cuda:  # else glibc keeps each freed block (measured: +70 MB a block)
+                trim()
 
         return hook
 

@@ -134,13 +134,18 @@ def estimate(
     nag: bool = False,
     fp16: bool = False,
     keep_dit: bool = False,
+    dit_frames: int | None = None,
+    kv_frames: int = 0,
 ) -> Estimate:
     """Peak bytes per phase; ``cfg_batch=2`` when both CFG passes run as one batch (the DiT
     activations double).  ``quant`` is the DiT's; ``t5_quant`` the umT5's as stored (it is
     never quantized in RAM: it runs once per new prompt).  ``nag``: NAG is on.  ``fp16``: the
     compute dtype is float16, where the umT5's FFN output projections stay in fp32
     (``t5.keep_in_fp32``, as transformers does): 2 more bytes for each of their weights.
-    ``keep_dit`` ("model"): the DiT stays resident while the umT5 encodes and the VAE decodes."""
+    ``keep_dit`` ("model"): the DiT stays resident while the umT5 encodes and the VAE decodes.
+    ``dit_frames``: latent frames one DiT forward sees (a causal chunk, a context window; None:
+    the whole video); ``kv_frames``: latent frames whose self-attention keys and values a causal
+    call keeps for every block (``runtime.kvcache``)."""
     qb = 1 if quant in ("int8", "fp8", "w8a8") else compute_bytes
     if quant == "w8a8" and offload != "blocks":  # CPU: oneDNN's packed copy beside the int8
         qb = 2  # weights the component keeps (on CUDA w8a8 is int8: 1 byte, counted as 2)
@@ -162,11 +167,13 @@ def estimate(
     t5_act += 3 * prompt_tokens * t.d_ff * 4
     c, lf, lh, lw = latent_shape
     pt, ph, pw = cfg.dit.patch_size
-    tokens = (lf // pt) * (lh // ph) * (lw // pw)
+    frame_tokens = (lh // ph) * (lw // pw)
+    tokens = (min(lf, dit_frames or lf) // pt) * frame_tokens
     d = cfg.dit.dim
     dit_act = 8 * tokens * d * 4 + 2 * min(tokens, FFN_CHUNK) * cfg.dit.ffn_dim * compute_bytes
     dit_act += 3 * c * lf * lh * lw * 4 + 2 * 512 * cfg.dit.text_dim * compute_bytes
     dit_act *= cfg_batch
+    dit_act += 2 * cfg.dit.num_layers * min(kv_frames, lf) * frame_tokens * d * compute_bytes
     if nag:
         dit_act = max(dit_act, nag_stage_bytes(tokens, d, compute_bytes, cfg_batch))
         dit_act += nag_kv_bytes(cfg, compute_bytes, prompt_tokens)
@@ -279,6 +286,8 @@ def choose(
     t5_quant: str = "none",
     vae_bytes: int = 4,
     dtype: torch.dtype | None = None,
+    dit_frames: int | None = None,
+    kv_frames: int = 0,
 ) -> Placement:
     """Offload mode, tiled decode and CFG batching for one request under the options' budget:
     the first (least offloaded, untiled) setting that fits; CFG is batched only if it still
@@ -287,7 +296,8 @@ def choose(
     Without ``max_memory`` the budget is the memory available now plus ``held``, the bytes of
     weights this pipeline already holds: the estimate counts them too, so without adding them
     back a second call would see its own resident model as used memory and flip to offload.
-    ``dtype``: the compute dtype (float16 keeps some umT5 weights in fp32: see ``estimate``)."""
+    ``dtype``: the compute dtype (float16 keeps some umT5 weights in fp32: see ``estimate``).
+    ``dit_frames``, ``kv_frames``: a causal or windowed call's (see ``estimate``)."""
     budget = (
         parse_bytes(options.max_memory)
         if options.max_memory is not None
@@ -299,6 +309,7 @@ def choose(
     kw["vae_bytes"] = vae_bytes
     kw["nag"] = options.nag_scale is not None
     kw["fp16"] = dtype == torch.float16
+    kw |= dict(dit_frames=dit_frames, kv_frames=kv_frames)
 
     def est2(mode: str, tiled: bool, keep: bool = False) -> Estimate:
         return estimate(
