@@ -138,7 +138,7 @@ def drift_by_layer(path: str, prompt: str) -> list[float]:
     ids, mask = ids[:, :n], mask[:, :n]
     emb = torch.stack([tensor("shared.weight", int(i)) for i in ids[0]])[None]
     xs = {torch.float32: emb.float(), torch.bfloat16: emb.bfloat16()}
-    seq = {dt: t5.UMT5Encoder._start(_Shell(cfg), ids, mask) for dt in xs}
+    seq = {dt: t5.start_tokens(cfg, ids, mask, lambda i: None) for dt in xs}
     out = []
     for i in range(cfg.num_layers):
         block = t5.Block(cfg).requires_grad_(False)
@@ -151,16 +151,6 @@ def drift_by_layer(path: str, prompt: str) -> list[float]:
             (xs[dt],) = (s.x for s in block.to(dt)([seq[dt]]))
         out.append(rel(xs[torch.bfloat16].float().numpy(), xs[torch.float32].numpy()))
     return out
-
-
-class _Shell:
-    """What ``UMT5Encoder._start`` reads from the encoder: its config and token embedding."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def token_embedding(self, ids):
-        return None
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:

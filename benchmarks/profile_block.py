@@ -24,6 +24,7 @@ import time
 from collections import defaultdict
 
 import torch
+from bench_attention import grid_of
 
 from wanlite.bench import host_line
 from wanlite.models.configs import DiTConfig
@@ -34,11 +35,6 @@ from wanlite.options import cpu_flags
 FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 LINEAR_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::_int_mm"}
 ATTN_OPS = ("scaled_dot_product", "flash_attention", "_efficient_attention", "flex_attention")
-
-
-def grid_of(size: str) -> tuple[int, int, int]:
-    h, w, f = (int(x) for x in size.lower().split("x"))
-    return 1 + (f - 1) // 4, h // 16, w // 16
 
 
 def build(dtype: torch.dtype, attention: str) -> WanDiT:

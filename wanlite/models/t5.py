@@ -262,17 +262,22 @@ class UMT5Encoder(nn.Module):
         return [self.norm(s.x) for s in seqs]
 
     def _start(self, ids: torch.Tensor, mask: torch.Tensor) -> Tokens:
-        if ids.shape != mask.shape or ids.ndim != 2:
-            raise ValueError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)} must be [B, L]")
-        b, n = ids.shape
-        cfg = self.cfg
-        buckets = relative_buckets(n, cfg.num_buckets, cfg.max_distance, ids.device).view(-1)
-        # Additive key mask: 0 on real tokens, fp32 min on padding.
-        neg = torch.finfo(torch.float32).min
-        mask_bias = torch.zeros(b, n, dtype=torch.float32, device=ids.device).masked_fill(
-            mask == 0, neg
-        )
-        # One [B, H, L, L] fp32 buffer rewritten by every layer: re-touching the same pages is
-        # much faster on CPU than a fresh tensor per layer (64 MB at 512 tokens: page faults).
-        bias = torch.empty(b, cfg.num_heads, n, n, dtype=torch.float32, device=ids.device)
-        return Tokens(self.token_embedding(ids), buckets, mask_bias, bias)
+        return start_tokens(self.cfg, ids, mask, self.token_embedding)
+
+
+def start_tokens(cfg: T5Config, ids: torch.Tensor, mask: torch.Tensor, embed) -> Tokens:
+    """The ``Tokens`` of one text before the first layer: ``embed(ids)`` and what the layers
+    need from ids [B, L] and mask [B, L]."""
+    if ids.shape != mask.shape or ids.ndim != 2:
+        raise ValueError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)} must be [B, L]")
+    b, n = ids.shape
+    buckets = relative_buckets(n, cfg.num_buckets, cfg.max_distance, ids.device).view(-1)
+    # Additive key mask: 0 on real tokens, fp32 min on padding.
+    neg = torch.finfo(torch.float32).min
+    mask_bias = torch.zeros(b, n, dtype=torch.float32, device=ids.device).masked_fill(
+        mask == 0, neg
+    )
+    # One [B, H, L, L] fp32 buffer rewritten by every layer: re-touching the same pages is
+    # much faster on CPU than a fresh tensor per layer (64 MB at 512 tokens: page faults).
+    bias = torch.empty(b, cfg.num_heads, n, n, dtype=torch.float32, device=ids.device)
+    return Tokens(embed(ids), buckets, mask_bias, bias)
