@@ -92,6 +92,31 @@ def test_the_chunk_loop_follows_self_forcing_equations(causal_pipe):
         kv.commit()
 
 
+def test_each_chunk_comes_before_its_rerun_and_the_caller_cannot_change_it(causal_pipe):
+    """A chunk is yielded after its denoising steps, before the clean rerun (one forward
+    sooner); zeroing a yielded chunk in place leaves the later chunks as they were."""
+    dit = causal_pipe._acquire("transformer", causal_pipe.place(*_plan(causal_pipe)))
+    text = dit.prepare_text(torch.randn(1, 5, causal_pipe.cfg.dit.text_dim))
+    noise = torch.randn(1, 16, 9, 4, 6, generator=torch.Generator().manual_seed(0))
+
+    def run(spoil: bool):
+        forwards, seen, out = [], [], []
+        gen = torch.Generator("cpu").manual_seed(5)
+        for x0 in causal_chunks(
+            dit, text, noise, gen, steps=2, on_step=lambda d, _: forwards.append(d)
+        ):
+            seen.append(len(forwards))
+            out.append(x0.clone())
+            if spoil:
+                x0.zero_()
+        return seen, out
+
+    seen, clean = run(spoil=False)
+    assert seen == [2, 5, 8]  # 2 steps per chunk, the reruns (3rd, 6th) after each yield
+    _, spoiled = run(spoil=True)
+    assert all(torch.equal(a, b) for a, b in zip(clean, spoiled))
+
+
 def _plan(pipe):
     from wanlite.frames import Plan
     from wanlite.params import validate

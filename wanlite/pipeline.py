@@ -23,6 +23,9 @@ of that many frames, blended (``wanlite.runtime.windows``, after Kijai's ComfyUI
 its memory stays flat in the length, and the result is no longer diffusers' single pass
 (``context_frames=0`` keeps that).
 
+A causal checkpoint (Self-Forcing, CausVid) is made chunk by chunk with a KV cache: its calls,
+``stream()`` and ``generate()``'s causal branch, are in ``wanlite.causal``.
+
 ``output_type`` picks what ``video.frames`` holds (one video: diffusers' ``.frames[0]``):
 "frames" (the default, unchanged) uint8 [F, H, W, 3]; diffusers' "np" float32 [F, H, W, 3] in
 [0, 1] and "pt" a float32 CPU tensor [F, 3, H, W] in [0, 1], both from the decoder's floats
@@ -33,7 +36,6 @@ of RGB ``PIL.Image`` per frame (Pillow: ``pip install 'wanlite[pil]'``), rounded
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -46,12 +48,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .causal import SELF_FORCING, causal_chunks
+from .causal import SELF_FORCING, CausalCalls
 from .frames import (
     Plan,
     as_output,
     check_output,
-    counted,
     initial_noise,
     model_label,
     to_float,
@@ -59,16 +60,15 @@ from .frames import (
 )
 from .models.taehv import load_tiny_decoder
 from .models.tokenizer import Tokenizer, clean_prompt
-from .models.vae import StreamDecoder
 from .ops.nag import NAG
 from .options import Options
-from .params import GenerationParams, ParamError, fields, validate
+from .params import GenerationParams, ParamError, validate
 from .preview import Crop, PreviewCallback, Previewer
 from .runtime import planner
 from .runtime.branches import Branches
 from .runtime.embed_cache import EmbeddingCache
 from .runtime.lifecycle import components
-from .runtime.memory import PeakMeter
+from .runtime.memory import CallMeter, PeakMeter
 from .runtime.parallel import init_parallel
 from .runtime.tiling import iter_decode_tiled
 from .runtime.windows import ContextWindows
@@ -93,7 +93,7 @@ class Cancelled(Exception):
 ROW_EMBEDDINGS = {"text_encoder": "token_embedding"}  # component -> module read by rows
 
 
-class Pipeline:
+class Pipeline(CausalCalls):
     """A loaded model.  Make one with :func:`wanlite.load`."""
 
     def __init__(self, path: Path | ModelSource, options: Options | None = None):
@@ -406,7 +406,7 @@ class Pipeline:
         size = Plan.for_request(p, self.cfg)
         previewer = self._previewer(p, size, preview_every, on_preview)
         place = self.placement = self.place(size, p)
-        run = _Run(self)
+        run = CallMeter(self.components, self.device)
         try:
             with run.phase("encode"):
                 contexts, lengths = self._encode_phase(p, place)
@@ -431,135 +431,7 @@ class Pipeline:
                     video.frames = as_output(video.frames, output_type)
         finally:
             self._settle(place)
-        return run.finish(video)
-
-    # -- causal models (Self-Forcing, CausVid): chunk by chunk, with a KV cache -------------
-    def stream(
-        self,
-        prompt: str,
-        height: int = 480,
-        width: int = 640,
-        num_frames: int = 81,
-        seed: int | None = None,
-        negative_prompt: str = " ",
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        *,
-        progress: bool = True,
-    ) -> Iterator[np.ndarray]:
-        """A causal model's video as it is made: uint8 frames [f, height, width, 3], one chunk
-        at a time, each as soon as it is denoised and decoded (``wanlite.causal``).  The causal
-        VAE keeps its cache between chunks, so the frames equal ``generate()``'s.  Parameters
-        as ``generate``'s, except ``num_frames``: up to ``self.max_stream_frames`` (memory stays
-        flat past ``kv_window`` latent frames); ``num_inference_steps`` 1-4 (default 4) and
-        ``guidance_scale`` 1 (the models are distilled without CFG); ``negative_prompt`` is
-        unused.  ``video.seed`` of ``generate`` is ``self.last_seed`` here."""
-        kw = dict(prompt=prompt, height=height, width=width, negative_prompt=negative_prompt)
-        kw |= dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-        p, seed, steps = self._causal_request(
-            kw | {"seed": seed}, num_frames, self.max_stream_frames
-        )
-        return self._stream(p, seed, steps, progress, to_uint8)
-
-    @property
-    def max_stream_frames(self) -> int:
-        """The longest ``stream()``: RoPE's positions (``rope_max_seq_len`` latent frames)."""
-        return 1 + self.cfg.vae.temporal_stride * (self.cfg.dit.rope_max_seq_len - 1)
-
-    def _causal_request(self, kw: dict, num_frames, max_frames: int):
-        if not self.causal:
-            raise ValueError(
-                "stream() needs a causal checkpoint (Self-Forcing, CausVid: pass its .pt as "
-                "transformer=, or causal=True)"
-            )
-        steps, guidance = kw.pop("num_inference_steps"), kw.pop("guidance_scale")
-        kw |= dict(
-            num_inference_steps=steps or 1, guidance_scale=1.0 if guidance is None else guidance
-        )
-        p = validate(**kw, num_frames=1, limits=self.options.limits)  # all but the frames
-        bad = isinstance(num_frames, bool) or not isinstance(num_frames, int)
-        if bad or not 1 <= num_frames <= max_frames:
-            msg = f"num_frames must be an integer in [1, {max_frames}], got {num_frames!r}"
-            raise ParamError(msg, "num_frames")
-        n_steps = len(SELF_FORCING.timesteps)
-        if steps is not None and not 1 <= steps <= n_steps:
-            msg = f"num_inference_steps must be in [1, {n_steps}] for a causal model"
-            raise ParamError(msg, "num_inference_steps")
-        if guidance is not None and guidance > 1:
-            msg = "guidance_scale must be <= 1: causal models are distilled without CFG"
-            raise ParamError(msg, "guidance_scale")
-        seed = p.seed if p.seed is not None else secrets.randbelow(2**32)
-        p = dataclasses.replace(p, num_frames=num_frames, seed=seed, guidance_scale=1.0)
-        p = dataclasses.replace(p, num_inference_steps=steps or n_steps)
-        return p, seed, p.num_inference_steps
-
-    def _stream(self, p: GenerationParams, seed: int, steps: int, progress: bool, host):
-        """The chunks of a causal video (``host``: ``to_uint8``, ``to_float``, or None for
-        the x0 latents themselves), cropped and trimmed to the request."""
-        size = Plan.for_request(p, self.cfg)
-        c, f, h, w = size.latent_shape
-        frames = len(SELF_FORCING.chunks(f)) * SELF_FORCING.chunk_frames
-        gen = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn((1, c, frames, h, w), generator=gen, dtype=torch.float32)
-        place = self.placement = self.place(size, p)
-        self.last_seed = seed
-        try:
-            contexts, lengths = self._encode_phase(p, place)
-            dit = self._acquire("transformer", place)
-            text = dit.prepare_text(contexts, lengths)
-            decode = self._chunk_decoder(place)
-            top, left = (size.height - p.height) // 2, (size.width - p.width) // 2
-            o, done = self.options, 0
-            with tqdm(total=p.num_frames, desc="stream", unit="frame", disable=not progress) as bar:
-                for x0 in causal_chunks(
-                    dit, text, noise, gen, SELF_FORCING, steps, o.kv_window, o.kv_sink
-                ):
-                    if host is None:  # output_type "latent": no decoding
-                        yield x0
-                        continue
-                    out = host(decode(x0))[:, top : top + p.height, left : left + p.width]
-                    out = np.ascontiguousarray(out[: p.num_frames - done])
-                    done += len(out)
-                    bar.update(len(out))
-                    if len(out):
-                        yield out
-        finally:
-            self._settle(place)
-
-    def _chunk_decoder(self, place: planner.Placement) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Latent chunks [1, C, n, h, w] -> their frames [1, 3, m, H, W] in [-1, 1], keeping the
-        decoder's causal state between chunks (the frames of one whole decode)."""
-        if self.options.decoder == "taew2_1":
-            tae = self.tae.stream()
-            return lambda z: tae(z.to(self.device)) * 2 - 1  # [0, 1] -> [-1, 1]
-        vcfg = self.cfg.vae
-        mean = torch.tensor(vcfg.latents_mean).view(1, -1, 1, 1, 1)
-        inv_std = 1.0 / torch.tensor(vcfg.latents_std).view(1, -1, 1, 1, 1)
-        vae = StreamDecoder(self._acquire("vae", place))  # the op order of ``decode``
-        return lambda z: vae((z.float().cpu() / inv_std + mean).to(self.device))
-
-    def _generate_causal(self, kw: dict, num_frames, output_type, save_to, on_decode, progress):
-        """``generate()`` on a causal model: the streamed chunks in one piece."""
-        limit = next(f.maximum for f in fields(self.options.limits) if f.name == "num_frames")
-        p, seed, steps = self._causal_request(kw, num_frames, limit)
-        check_output(output_type, save_to)
-        host = {"latent": None, "np": to_float, "pt": to_float}.get(output_type, to_uint8)
-        run = _Run(self)
-        empty = np.zeros((0, p.height, p.width, 3), np.uint8)
-        video = Video(empty, seed, params=p.to_dict())
-        video.metadata = made_by(p.to_dict(), seed, model_label(self.source))
-        with run.phase("denoise"):  # encode, denoise and decode interleave chunk by chunk
-            chunks = self._stream(p, seed, steps, progress, host)
-            if on_decode is not None:
-                chunks = counted(chunks, p.num_frames, on_decode)
-            if host is None:
-                video.latents = torch.cat(list(chunks), dim=2)
-            elif save_to is not None:
-                h, w, meta = p.height, p.width, video.metadata
-                video.path = write_mp4(save_to, chunks, h, w, video.fps, meta)
-            else:
-                video.frames = as_output(np.concatenate(list(chunks)), output_type)
-        return run.finish(video)
+        return run.finish(video, self.stats)
 
     def _encode_phase(self, p: GenerationParams, place: planner.Placement):
         negative = p.guidance_scale > 1.0 or self.options.nag_scale is not None
@@ -674,37 +546,6 @@ class Pipeline:
             yield np.ascontiguousarray(frames)
             if n >= p.num_frames:
                 return
-
-
-class _Run:
-    """Per-call bookkeeping: seconds and peak memory per phase, seconds spent reading weights."""
-
-    def __init__(self, pipe: Pipeline):
-        self.pipe, self.meter, self.timings = pipe, PeakMeter(pipe.device), {}
-        self.loading, self.prefetch = self._weight_seconds(), self._prefetch_seconds()
-
-    def _weight_seconds(self) -> float:
-        return sum(c.load_seconds for c in self.pipe.components.values())
-
-    def _prefetch_seconds(self) -> tuple[float, float]:
-        pairs = [c.prefetch_seconds() for c in self.pipe.components.values()]
-        return sum(r for r, _ in pairs), sum(w for _, w in pairs)
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        t0 = time.perf_counter()
-        with self.meter.phase(name):
-            yield
-        self.timings[name] = time.perf_counter() - t0
-
-    def finish(self, video: Video) -> Video:
-        video.timings = self.timings
-        video.weights_seconds = self._weight_seconds() - self.loading
-        (read, wait), (read0, wait0) = self._prefetch_seconds(), self.prefetch
-        video.prefetch_seconds, video.prefetch_wait_seconds = read - read0, wait - wait0
-        video.stats = dict(self.pipe.stats)
-        video.peak_memory = dict(self.meter.peaks)
-        return video
 
 
 def load(

@@ -1,4 +1,4 @@
-"""Peak-memory measurement per phase.
+"""Peak-memory measurement per phase, and a call's bookkeeping (``CallMeter``).
 
 On CUDA: ``torch.cuda.max_memory_allocated`` (reset at each phase start).  On CPU: the process's
 peak resident set (``VmHWM`` in /proc/self/status), reset at each phase start by writing ``5``
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import resource
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,6 +71,40 @@ class PeakMeter:
             else:
                 peak = cpu_peak_bytes()
             self.peaks[name] = max(peak, self.peaks.get(name, 0))
+
+
+class CallMeter:
+    """One call's bookkeeping: seconds and peak memory per phase, and the seconds its
+    components (``runtime.lifecycle``) spent reading weights and prefetching, from their
+    running totals at the start of the call."""
+
+    def __init__(self, components: dict, device: torch.device):
+        self.components, self.meter, self.timings = components, PeakMeter(device), {}
+        self.loading, self.prefetch = self._weight_seconds(), self._prefetch_seconds()
+
+    def _weight_seconds(self) -> float:
+        return sum(c.load_seconds for c in self.components.values())
+
+    def _prefetch_seconds(self) -> tuple[float, float]:
+        pairs = [c.prefetch_seconds() for c in self.components.values()]
+        return sum(r for r, _ in pairs), sum(w for _, w in pairs)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        with self.meter.phase(name):
+            yield
+        self.timings[name] = time.perf_counter() - t0
+
+    def finish(self, video, stats: dict):
+        """Fill ``video``'s (a ``wanlite.video.Video``) timings, peaks and counts; return it."""
+        video.timings = self.timings
+        video.weights_seconds = self._weight_seconds() - self.loading
+        (read, wait), (read0, wait0) = self._prefetch_seconds(), self.prefetch
+        video.prefetch_seconds, video.prefetch_wait_seconds = read - read0, wait - wait0
+        video.stats = dict(stats)
+        video.peak_memory = dict(self.meter.peaks)
+        return video
 
 
 def fmt_bytes(n: int) -> str:
