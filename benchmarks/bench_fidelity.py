@@ -114,10 +114,8 @@ def _padded(e) -> np.ndarray:
 
 def drift_by_layer(path: str, prompt: str) -> list[float]:
     """The umT5 run layer by layer on ``prompt``'s real tokens in fp32 and in bf16 from the same
-    bf16 weights: the relative L2 distance of the two hidden states after each layer (and after
-    the final norm).  One layer in memory at a time."""
-    import json as _json
-
+    bf16 weights: the relative L2 distance of the two hidden states after each layer.  One
+    layer in memory at a time."""
     import torch
     from safetensors import safe_open
 
@@ -126,8 +124,8 @@ def drift_by_layer(path: str, prompt: str) -> list[float]:
     from wanlite.models.tokenizer import Tokenizer, clean_prompt
 
     folder = Path(path) / "text_encoder"
-    cfg = T5Config.from_diffusers(_json.loads((folder / "config.json").read_text()))
-    index = _json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    cfg = T5Config.from_diffusers(json.loads((folder / "config.json").read_text()))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
 
     def tensor(key: str, rows=None) -> torch.Tensor:
         with safe_open(folder / index[key], "pt") as f:
@@ -137,8 +135,8 @@ def drift_by_layer(path: str, prompt: str) -> list[float]:
     n = int(mask.sum())
     ids, mask = ids[:, :n], mask[:, :n]
     emb = torch.stack([tensor("shared.weight", int(i)) for i in ids[0]])[None]
-    xs = {torch.float32: emb.float(), torch.bfloat16: emb.bfloat16()}
-    seq = {dt: t5.start_tokens(cfg, ids, mask, lambda i: None) for dt in xs}
+    fp32, bf16 = torch.float32, torch.bfloat16
+    seq = {dt: t5.start_tokens(cfg, ids, mask, lambda _, dt=dt: emb.to(dt)) for dt in (fp32, bf16)}
     out = []
     for i in range(cfg.num_layers):
         block = t5.Block(cfg).requires_grad_(False)
@@ -146,10 +144,9 @@ def drift_by_layer(path: str, prompt: str) -> list[float]:
         block.load_state_dict(
             {t5.from_diffusers_key(k).removeprefix(f"blocks.{i}."): v for k, v in state.items()}
         )
-        for dt in xs:
-            seq[dt].x = xs[dt]
-            (xs[dt],) = (s.x for s in block.to(dt)([seq[dt]]))
-        out.append(rel(xs[torch.bfloat16].float().numpy(), xs[torch.float32].numpy()))
+        for dt, s in seq.items():  # (bf16 -> fp32 -> bf16 weights: exact)
+            block.to(dt)([s])  # updates s.x
+        out.append(rel(seq[bf16].x.float().numpy(), seq[fp32].x.numpy()))
     return out
 
 

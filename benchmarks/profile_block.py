@@ -26,13 +26,11 @@ from collections import defaultdict
 import torch
 from bench_attention import grid_of
 
-from wanlite.bench import host_line
+from wanlite.bench import host_cpu, host_line
 from wanlite.models.configs import DiTConfig
 from wanlite.models.dit import WanDiT
 from wanlite.ops.radial import RadialConfig
-from wanlite.options import cpu_flags
 
-FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 LINEAR_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::_int_mm"}
 ATTN_OPS = ("scaled_dot_product", "flash_attention", "_efficient_attention", "flex_attention")
 
@@ -145,7 +143,6 @@ def main() -> None:
     a = p.parse_args()
     dtype = getattr(torch, a.dtype)
     grid = grid_of(a.size)
-    flags = cpu_flags()
     print(f"{host_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     model = build(dtype, a.attention)
     linear = prepare(model, a.linear)
@@ -159,10 +156,10 @@ def main() -> None:
     print("| group | s | share |\n|---|---|---|")
     for g in ("self-attention", "linears", "cross-attention", "other"):
         print(f"| {g} | {groups.get(g, 0):.3f} | {groups.get(g, 0) / total:.1%} |")
-    print("\n| operator in `other` | s | share of block |\n|---|---|---|")
-    for name, s in sorted(other.items(), key=lambda kv: -kv[1])[: a.top]:
-        print(f"| {name} | {s:.3f} | {s / total:.1%} |")
     top = sorted(other.items(), key=lambda kv: -kv[1])[: a.top]
+    print("\n| operator in `other` | s | share of block |\n|---|---|---|")
+    for name, s in top:
+        print(f"| {name} | {s:.3f} | {s / total:.1%} |")
     print(
         json.dumps(
             dict(
@@ -175,7 +172,7 @@ def main() -> None:
                 wall_s=round(wall, 3),
                 groups={g: round(s, 4) for g, s in groups.items()},
                 other_top={n: round(s, 4) for n, s in top},
-                cpu=[f for f in FEATURES if f in flags],
+                cpu=host_cpu()["features"],
             )
         )
     )

@@ -256,13 +256,10 @@ class UMT5Encoder(nn.Module):
 
     @torch.no_grad()
     def encode_each(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        seqs = [self._start(ids, mask) for ids, mask in pairs]
+        seqs = [start_tokens(self.cfg, ids, mask, self.token_embedding) for ids, mask in pairs]
         for block in self.blocks:
             seqs = block(seqs)
         return [self.norm(s.x) for s in seqs]
-
-    def _start(self, ids: torch.Tensor, mask: torch.Tensor) -> Tokens:
-        return start_tokens(self.cfg, ids, mask, self.token_embedding)
 
 
 def start_tokens(cfg: T5Config, ids: torch.Tensor, mask: torch.Tensor, embed) -> Tokens:
